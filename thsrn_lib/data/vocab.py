@@ -70,7 +70,7 @@ class Vocab:
             raise DataError(f"{source}: duplicate words {dups[:5]!r}; every word must have exactly one id")
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 4) -> "Vocab":
+    def build(cls, captions: Iterable[str], min_count: int = 4) -> Vocab:
         """Build a vocab from raw captions (the library's deterministic builder).
 
         Tokens are counted with :func:`~thsrn_lib.data.tokenizer.tokenize`; words with
@@ -92,7 +92,7 @@ class Vocab:
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "vocab dict") -> "Vocab":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "vocab dict") -> Vocab:
         """Build from the SCAN layout (as produced by :meth:`to_dict` or read from JSON).
 
         Every inconsistency raises :class:`DataError` naming ``source`` and the problem.
@@ -149,7 +149,7 @@ class Vocab:
         }
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Vocab":
+    def load(cls, path: str | os.PathLike) -> Vocab:
         """Read a SCAN vocab JSON (e.g. ``f30k_precomp_vocab.json``) and validate its layout."""
         path = Path(path)
         if not path.is_file():
