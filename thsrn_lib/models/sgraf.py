@@ -394,10 +394,10 @@ def reference_similarity(model: SGRAF, regions: Tensor, words_all: Tensor, lengt
     b = regions.shape[0]
     img_glob = sim.v_global_w(regions, regions.mean(dim=1))  # once, over the B images
     columns = []
-    for j in range(ids.shape[0]):
+    for j in range(words_all.shape[0]):
         n = int(lengths[j])
         words = words_all[j : j + 1, :n]  # (1, n, D)
-        txt_glob = sim.t_global_w(words, words.mean(dim=1), torch.ones(1, n, dtype=torch.bool, device=ids.device))
+        txt_glob = sim.t_global_w(words, words.mean(dim=1), torch.ones(1, n, dtype=torch.bool, device=words_all.device))
         query = words.expand(b, n, words.shape[-1])  # the official code repeats the caption B times
         # SCAN t2i attention: leaky dot products, l2n over the words per region, softmax over regions.
         c = F.leaky_relu(torch.bmm(regions, query.transpose(1, 2)), 0.1)  # (B, R, n)
