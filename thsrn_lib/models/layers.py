@@ -24,8 +24,12 @@ __all__ = [
 
 
 def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
-    """``x / (sqrt(sum x^2) + eps)`` along ``dim``."""
-    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+    """``x / (sqrt(sum x^2) + eps)`` along ``dim``.
+
+    ``vector_norm`` is one fused pass, and its backward is 0 (not 0/0 = NaN) at an all-zero row,
+    which padded words and ReLU-fed vectors produce.
+    """
+    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
 
 
 def l1norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
