@@ -39,6 +39,11 @@ class Ensemble(MatchingModel):
         self.names = list(names) if names is not None else [m.name or f"model{i}" for i, m in enumerate(members)]
         if len(self.names) != len(members):
             raise ConfigError(f"got {len(self.names)} names for {len(members)} ensemble members")
+        if len(set(self.names)) != len(self.names):
+            raise ConfigError(
+                f"ensemble member names must be unique (their scores are reported by name), got {self.names}; "
+                "pass names=[...], e.g. ['sgr_seed0', 'sgr_seed1']"
+            )
         w = [1.0] * len(members) if weights is None else [float(x) for x in weights]
         if len(w) != len(members) or any(x < 0 for x in w) or sum(w) <= 0:
             raise ConfigError(f"ensemble weights must be {len(members)} non-negative numbers with a positive sum, got {w}")
