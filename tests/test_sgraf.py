@@ -593,3 +593,25 @@ def test_real_vocab_sizes(tmp_path, scan_captions_dir):
     assert len(ckpt.vocab) == 8481
     with pytest.raises(CheckpointError, match="11353 words"):
         from_official_checkpoint(path, vocab_path=vocab_dir / "coco_precomp_vocab.json")
+
+
+@pytest.mark.parametrize("kind", ["sgr", "saf"])
+def test_fast_inference_path_equals_plain_path_and_reference(kind):
+    """The packed, tiled inference path (tiny tiles: several tiles per block) equals the plain
+    vectorised path and the per-caption loop."""
+    model = tiny(kind).eval()
+    randomise_bn(model, 9)
+    feats, ids, lengths = make_batch(5, 11, 9, seed=9, min_len=2)
+    model.tile_images, model.tile_captions = 2, 3
+    with torch.no_grad():
+        img, txt = model.encode_images(feats), model.encode_texts(ids, lengths)
+        assert model._use_fast_path(img, txt)
+        fast = model.score(img, txt)
+        model.use_fast_path = False
+        plain = model.score(img, txt)
+        slow = reference_scores(model, feats, ids, lengths)
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    assert not model._use_fast_path(img, txt) or not model.use_fast_path
+    model.use_fast_path = True
+    assert not model.train()._use_fast_path(img, txt)  # train mode keeps the plain path

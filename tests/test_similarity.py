@@ -268,3 +268,107 @@ def test_gated_pooling_masks_and_matches_official_form():
     torch.testing.assert_close(beta_c[:, 0], l1norm(torch.sigmoid(e_c), dim=-1).squeeze(1), atol=1e-6, rtol=0)
     with pytest.raises(ConfigError):
         GatedPooling(S, bn_stats="nope")
+
+
+# ------------------------------------------------------------------------------------------------
+# folded SGR step, zero-safe attention gradients, conditioned gate, packed fast path
+# ------------------------------------------------------------------------------------------------
+def test_sgr_step_folded_equals_literal_two_projection_form():
+    torch.manual_seed(0)
+    step = SGRStep(S)
+    with torch.no_grad():
+        for p in step.parameters():
+            p.normal_(0, 0.5)  # non-zero biases: every term of the folded logits matters
+    nodes = torch.randn(3, 4, 7, S)
+    key_mask = torch.rand(4, 7) > 0.3
+    key_mask[:, 0] = True
+    for n_q in (None, 1, 3):
+        ref_nodes, ref_edges = step.reference_forward(nodes, key_mask, num_queries=n_q)
+        got_nodes, got_edges = step(nodes, key_mask, num_queries=n_q)
+        torch.testing.assert_close(got_edges, ref_edges, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got_nodes, ref_nodes, atol=1e-5, rtol=1e-5)
+    # the no-grad cache is refreshed when a parameter changes in place
+    with torch.no_grad():
+        before = step(nodes, key_mask)[0]
+        step.graph_key_w.weight.mul_(2.0)
+        after = step(nodes, key_mask)[0]
+        torch.testing.assert_close(after, step.reference_forward(nodes, key_mask)[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+def test_attention_gradients_are_finite_with_padded_words():
+    regions, words, mask, _ = _block(3)
+    regions.requires_grad_(True)
+    words = words.clone().requires_grad_(True)
+    for fn in (t2i_attention, i2t_attention):
+        out = fn(regions, words, mask, SMOOTH)
+        gr, gw = torch.autograd.grad((out.nan_to_num() * torch.randn_like(out)).sum(), (regions, words))
+        assert torch.isfinite(gr).all() and torch.isfinite(gw).all(), fn.__name__
+
+
+def test_gated_pooling_condition_and_no_norm_match_the_literal_formula():
+    torch.manual_seed(1)
+    pool = GatedPooling(S, norm="none")
+    assert pool.bn is None
+    with torch.no_grad():
+        pool.attn_sim_w.bias.fill_(0.3)
+    nodes, cond = torch.randn(B, N, L, S), torch.randn(B, N, S)
+    _, _, mask, _ = _block()
+    pooled, beta = pool(nodes, mask, cond)
+    e = pool.attn_sim_w(nodes * cond.unsqueeze(2)).squeeze(-1)  # the materialised product
+    expect_beta = l1norm(torch.sigmoid(e) * mask, dim=-1)
+    torch.testing.assert_close(beta, expect_beta, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pooled, l2norm((expect_beta.unsqueeze(-1) * nodes).sum(2)), atol=1e-6, rtol=0)
+    all_valid, _ = pool(nodes, None, cond)
+    torch.testing.assert_close(all_valid, pool(nodes, torch.ones(N, L, dtype=torch.bool), cond)[0])
+    with pytest.raises(ConfigError):
+        GatedPooling(S, norm="layer")
+
+
+def test_packed_fast_path_equals_plain_formulas():
+    from thsrn_lib.models.similarity import (
+        PackedWords,
+        packed_cross_logits,
+        packed_i2t_attention,
+        packed_i2t_similarity,
+        packed_t2i_attention,
+        packed_t2i_similarity,
+    )
+
+    regions, words, mask, lengths = _block(5)
+    torch.manual_seed(2)
+    proj = nn.Linear(D, S)
+    with torch.no_grad():
+        packed = PackedWords.from_padded(words, mask)
+        assert packed.words.shape == (int(lengths.sum()), D)
+        logits = packed_cross_logits(regions, packed)  # (B, R, T)
+        i2t = packed_i2t_attention(logits, packed, 4.0)
+        t2i = packed_t2i_attention(logits.clone(), packed, SMOOTH)
+        ref_t2i = t2i_attention(regions, words, mask, SMOOTH)  # (B, N, L, R)
+        ref_i2t = i2t_attention(regions, words, mask, 4.0)  # (B, N, R, L)
+        torch.testing.assert_close(t2i.transpose(1, 2), ref_t2i[:, mask], atol=1e-6, rtol=0)
+        torch.testing.assert_close(i2t, ref_i2t.permute(0, 2, 1, 3)[:, :, mask], atol=1e-6, rtol=0)
+        # the fused normalise-subtract-square pass equals the plain formula (t2i), per valid word
+        local = packed.unpack(packed_t2i_similarity(t2i, regions, packed, proj))  # (B, N, L, S)
+        ref_local = similarity_vectors(attended_context(ref_t2i, regions, "t2i"), words, proj, "t2i")
+        torch.testing.assert_close(local[:, mask], ref_local[:, mask], atol=1e-5, rtol=0)
+        assert torch.equal(local[:, ~mask], torch.zeros_like(local[:, ~mask]))  # padded rows are zero
+        local_i2t = packed_i2t_similarity(i2t, regions, packed, proj)  # (B, N, R, S)
+        ref_i2t_local = similarity_vectors(attended_context(ref_i2t, words, "i2t"), regions, proj, "i2t")
+        torch.testing.assert_close(local_i2t, ref_i2t_local, atol=1e-5, rtol=0)
+        nodes = packed.unpack(packed_t2i_similarity(t2i, regions, packed, proj), lead=1)
+        torch.testing.assert_close(nodes[:, :, 1:], local)
+        assert torch.equal(nodes[:, :, 0], torch.zeros(B, N, S))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        packed_cross_logits(regions.clone().requires_grad_(True), packed)
+
+
+def test_length_groups_sorts_and_declines_uniform_lengths():
+    from thsrn_lib.models.similarity import length_groups
+
+    lengths = torch.tensor([3] * 20 + [30] * 4)
+    order, chunks = length_groups(lengths, 4, 4)
+    assert torch.equal(torch.sort(torch.cat(chunks)).values, torch.arange(24))
+    assert all(int(lengths[c].max()) <= int(lengths[d].min()) for c, d in zip(chunks, chunks[1:]))
+    assert length_groups(torch.full((40,), 12), 4, 8) is None  # uniform: no gain
+    assert length_groups(lengths[:10], 4, 8) is None  # too few captions for two groups

@@ -557,3 +557,34 @@ def test_autocast_bf16_is_finite_and_close():
         loss, _ = model.training_loss(_train_batch(4, 6, 18), ContrastiveLoss(0.2))
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("variant", ["default", "hsr_B", "share_hsr_and_global"])
+def test_fast_inference_path_equals_plain_path_and_reference(variant):
+    """Packed, tiled inference (several tiles per block) == plain vectorised path == per-caption loop."""
+    model = tiny(**VARIANTS[variant]).eval()
+    randomise(model, 21)
+    feats, ids, lengths = make_batch(5, 11, 9, seed=21)
+    model.tile_images, model.tile_captions = 2, 3
+    with torch.no_grad():
+        img, txt = model.encode_images(feats), model.encode_texts(ids, lengths)
+        assert model._use_fast_path(img, txt)
+        fast, fast_parts = model.score_parts(img, txt)
+        model.use_fast_path = False
+        plain, plain_parts = model.score_parts(img, txt)
+        slow, _ = model.reference_score_parts(img, txt)
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=0)
+    for s in fast_parts:
+        torch.testing.assert_close(fast_parts[s], plain_parts[s], atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+def test_gradients_finite_with_padded_words_in_both_streams():
+    model = tiny().eval()
+    feats, ids, lengths = make_batch(3, 4, 9, seed=22)
+    lengths[0] = 2  # much padding
+    img, txt = model.encode_images(feats), model.encode_texts(ids, lengths)
+    assert not model._use_fast_path(img, txt)  # autograd: the plain path
+    model.score(img, txt).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -36,9 +36,14 @@ from .selfattn import TextSA, VisualSA
 from .similarity import (
     BN_STATS,
     GatedPooling,
+    PackedWords,
     SGRStep,
     attended_context,
     global_similarity,
+    length_groups,
+    packed_cross_logits,
+    packed_t2i_attention,
+    packed_t2i_similarity,
     similarity_vectors,
     t2i_attention,
 )
@@ -232,16 +237,19 @@ class SGRAF(MatchingModel):
     def score_parts(self, img_emb: Embeddings, txt_emb: Embeddings) -> tuple[Tensor, dict[str, Tensor]]:
         """Similarity matrix ``(B, N)`` of the block; SGRAF has no partial scores (empty dict).
 
-        Captions are scored in up to :attr:`max_length_buckets` groups of similar length, each
-        trimmed to its own longest caption: cost is linear in the padded length, and a block of
-        real captions (lengths ~8-40) otherwise spends most of its time on padding. This is exact
-        because every score depends only on its pair. It is skipped for SAF in train mode, whose
-        per-caption BatchNorm updates its running statistics in caption order.
+        Inference (eval mode, no autograd) takes :meth:`_fast_scores`: packed words (no padding in
+        any D-sized tensor), cache-sized tiles, fused in-place element-wise passes. Otherwise the
+        plain vectorised :meth:`_block` runs, with captions in up to :attr:`max_length_buckets`
+        groups of similar length, each trimmed to its own longest caption (exact because every
+        score depends only on its pair; skipped for SAF in train mode, whose per-caption BatchNorm
+        updates its running statistics in caption order).
         """
         lens = txt_emb["lengths"].detach().cpu()  # one host sync per block
         b, n = img_emb["regions"].shape[0], lens.shape[0]
         if n == 0 or b == 0:
             return img_emb["regions"].new_zeros(b, n), {}
+        if self._use_fast_path(img_emb, txt_emb):
+            return self._fast_scores(img_emb, txt_emb, lens), {}
         order, chunks = self._length_groups(lens)
         if len(chunks) == 1:
             return self._block(img_emb, txt_emb, used_len=int(lens.max()), keep_maps=False)["sims"], {}
@@ -256,23 +264,78 @@ class SGRAF(MatchingModel):
         inverse[order] = torch.arange(n)
         return torch.cat(cols, dim=1)[:, inverse.to(device)], {}
 
-    #: Upper bound on the caption-length groups of :meth:`score_parts` (1 disables grouping).
+    #: Upper bound on the caption-length groups of the plain path (1 disables grouping).
     max_length_buckets: int = 4
     _MIN_BUCKET = 8
+    #: Fast-path tile: images x captions scored together (chosen by ``benchmarks/scoring.py --tiles``;
+    #: see :meth:`preferred_block`). The captions of a block are length-sorted before tiling.
+    tile_images: int = 8
+    tile_captions: int = 32
+    #: Set False to force the plain vectorised path (tests compare the two).
+    use_fast_path: bool = True
+
+    def preferred_block(self) -> tuple[int, int]:
+        """``(images, captions)`` per :meth:`score` call that the fast path scores best.
+
+        Any block is exact and is tiled internally; larger blocks only amortise the per-call
+        length sort. Memory per call is bounded by the tile, not the block.
+        """
+        return 128, 1024
+
+    def _use_fast_path(self, img_emb: Embeddings, txt_emb: Embeddings) -> bool:
+        tensors = (img_emb["regions"], img_emb["global"], txt_emb["words"], txt_emb["global"])
+        return (
+            self.use_fast_path
+            and not self.training
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *self.parameters())))
+        )
 
     def _length_groups(self, lens: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Caption order sorted by length and its split into groups (one group when that is as cheap)."""
-        n = lens.shape[0]
-        k = min(self.max_length_buckets, n // self._MIN_BUCKET)
-        identity = torch.arange(n)
-        if k < 2 or (self.training and self.config.module_name == "SAF"):
-            return identity, [identity]
+        identity = torch.arange(lens.shape[0])
+        groups = None if (self.training and self.config.module_name == "SAF") else (
+            length_groups(lens, self.max_length_buckets, self._MIN_BUCKET)
+        )
+        return groups if groups is not None else (identity, [identity])
+
+    def _fast_scores(self, img_emb: Embeddings, txt_emb: Embeddings, lens: Tensor) -> Tensor:
+        """Inference scores ``(B, N)``, tile by tile (see :mod:`.similarity`, packed fast path).
+
+        Captions are length-sorted and cut into tiles of :attr:`tile_captions`; images into tiles of
+        :attr:`tile_images`. Per tile: one GEMM for all region-word logits, segment-normalised
+        attention, one bmm for the contexts, a fused normalise-subtract-square pass, one GEMM for
+        the local projection, then the graph over ``[global; words]`` padded to the tile's longest
+        caption only.
+        """
+        sim, cfg = self.sim_enc, self.config
+        regions, img_glob = img_emb["regions"], img_emb["global"]
+        words, txt_glob, mask = txt_emb["words"], txt_emb["global"], txt_emb["mask"]
+        b, n = regions.shape[0], words.shape[0]
+        device = regions.device
+        out = regions.new_empty(b, n)
         order = torch.argsort(lens, stable=True)
-        chunks = list(order.tensor_split(k))
-        grouped_cost = sum(len(c) * int(lens[c].max()) for c in chunks)
-        if grouped_cost > 0.85 * n * int(lens.max()):  # not worth the extra, smaller calls
-            return identity, [identity]
-        return order, chunks
+        for c_idx_cpu in order.split(self.tile_captions):
+            c_idx = c_idx_cpu.to(device)
+            used = int(lens[c_idx_cpu].max())
+            t_mask = mask.index_select(0, c_idx)[:, :used]
+            packed = PackedWords.from_padded(words.index_select(0, c_idx)[:, :used], t_mask)
+            t_glob = txt_glob.index_select(0, c_idx)
+            node_mask = F.pad(t_mask, (1, 0), value=True)  # (n, 1 + L): node 0 = global
+            for i0 in range(0, b, self.tile_images):
+                reg = regions[i0 : i0 + self.tile_images]
+                attn = packed_t2i_attention(packed_cross_logits(reg, packed), packed, cfg.smooth)
+                local = packed_t2i_similarity(attn, reg, packed, sim.sim_tranloc_w)  # (b, T, S)
+                nodes = packed.unpack(local, lead=1)  # (b, n, 1 + L, S)
+                nodes[:, :, 0] = global_similarity(img_glob[i0 : i0 + self.tile_images], t_glob, sim.sim_tranglo_w)
+                if cfg.module_name == "SGR":
+                    steps = list(sim.SGR_module)
+                    for k, step in enumerate(steps):
+                        nodes, _ = step(nodes, node_mask, num_queries=1 if k == len(steps) - 1 else None)
+                    z = nodes[:, :, 0]
+                else:
+                    z, _ = sim.SAF_module(nodes, node_mask)
+                out[i0 : i0 + self.tile_images, c_idx] = torch.sigmoid(sim.sim_eval_w(z)).squeeze(-1)
+        return out
 
     def _block(self, img_emb: Embeddings, txt_emb: Embeddings, used_len: int | None, keep_maps: bool) -> dict[str, Any]:
         """Vectorised §3.11 computation for all B x N pairs; optionally keeps the maps for explain.

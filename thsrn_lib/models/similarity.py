@@ -16,6 +16,7 @@ Normalisations put the epsilon outside the square root (see :mod:`thsrn_lib.mode
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -36,10 +37,19 @@ __all__ = [
     "caption_batchnorm",
     "GatedPooling",
     "BN_STATS",
+    "GATE_NORMS",
+    "length_groups",
+    "PackedWords",
+    "packed_cross_logits",
+    "packed_t2i_attention",
+    "packed_i2t_attention",
+    "packed_t2i_similarity",
+    "packed_i2t_similarity",
 ]
 
 Stream = Literal["t2i", "i2t"]
 BN_STATS = ("per_caption", "pooled")
+GATE_NORMS = ("bn", "none")
 _EPS = 1e-8
 
 
@@ -105,7 +115,8 @@ def t2i_attention(regions: Tensor, words: Tensor, mask: Tensor, smooth: float, l
     c = cross_logits(regions, words) if logits is None else logits
     c = c.masked_fill(~mask[None, :, :, None], 0.0)  # padded words leave the word-axis norm
     # Fold lambda into the per-(b, n, r) reciprocal norm: one multiply over the big tensor.
-    scale = smooth / (c.pow(2).sum(dim=2, keepdim=True).sqrt() + _EPS)  # (B, N, 1, R)
+    # vector_norm: one pass, and a zero (not 0/0) gradient at the all-zero padded columns.
+    scale = smooth / (torch.linalg.vector_norm(c, dim=2, keepdim=True) + _EPS)  # (B, N, 1, R)
     return torch.softmax(c * scale, dim=-1)
 
 
@@ -125,7 +136,9 @@ def i2t_attention(regions: Tensor, words: Tensor, mask: Tensor, smooth: float, l
     """
     _check_block(regions, words, mask)
     c = cross_logits(regions, words) if logits is None else logits  # (B, N, L, R)
-    scale = smooth / (c.pow(2).sum(dim=-1, keepdim=True).sqrt() + _EPS)  # (B, N, L, 1)
+    # A padded word's logits are all 0: vector_norm's backward is 0 there, where sqrt(sum c^2)
+    # gives 0/0 = NaN that would flow into the encoders through the masked softmax.
+    scale = smooth / (torch.linalg.vector_norm(c, dim=-1, keepdim=True) + _EPS)  # (B, N, L, 1)
     x = (c * scale).masked_fill(~mask[None, :, :, None], float("-inf"))
     return torch.softmax(x, dim=2).transpose(2, 3)
 
@@ -191,8 +204,9 @@ class SGRStep(nn.Module):
 
     ``E = softmax_keys(Q K^T)`` (no scaling, padded keys at -inf), then ``X <- ReLU(W_r (E X) + b_r)``;
     no residual and no normalisation. Parameter names follow the official state dicts. The
-    query and key projections are folded into one matrix (see :meth:`_qk_logits`), which is
-    exact up to float rounding and saves most of the projection work.
+    query and key projections are folded into one matrix (see :meth:`folded_weights`), which is
+    exact up to float rounding and saves most of the projection work; :meth:`reference_forward`
+    is the literal two-projection form (tests prove the two equal).
     """
 
     def __init__(self, sim_dim: int) -> None:
@@ -201,6 +215,28 @@ class SGRStep(nn.Module):
         self.graph_key_w = nn.Linear(sim_dim, sim_dim)
         self.sim_graph_w = nn.Linear(sim_dim, sim_dim)
         init_like_sgraf(self)
+        self._fold_cache: tuple[tuple, tuple[Tensor, ...]] | None = None
+
+    def folded_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(W_f (S, S), b_f (S,), w_c (1, S), b_c (1,))`` of the folded logits.
+
+        ``(Wq x_i + bq) . (Wk x_j + bk) = (W_f x_i + b_f) . x_j + (w_c . x_i + b_c)`` with
+        ``W_f = Wk^T Wq``, ``b_f = Wk^T bq``, ``w_c = Wq^T bk``, ``b_c = bq . bk``. Without autograd
+        the fold (``S^3`` multiply-adds) is cached until a parameter changes (in-place updates and
+        ``load_state_dict`` bump the tensors' version counters), so scoring many blocks pays it once.
+        """
+        wq, bq = self.graph_query_w.weight, self.graph_query_w.bias  # (S_out, S_in), (S_out,)
+        wk, bk = self.graph_key_w.weight, self.graph_key_w.bias
+        params = (wq, bq, wk, bk)
+        cacheable = not _tracks_grad(*params) and not torch.is_autocast_enabled(wq.device.type)
+        cacheable = cacheable and not any(p.is_inference() for p in params)  # no version counter to key on
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params) if cacheable else None
+        if key is not None and self._fold_cache is not None and self._fold_cache[0] == key:
+            return self._fold_cache[1]  # type: ignore[return-value]
+        wkt = wk.t()
+        folded = (wkt @ wq, wkt @ bq, (wq.t() @ bk).unsqueeze(0), (bq @ bk).unsqueeze(0))
+        self._fold_cache = (key, folded) if key is not None else None
+        return folded
 
     def forward(
         self, nodes: Tensor, key_mask: Tensor | None = None, num_queries: int | None = None
@@ -216,29 +252,30 @@ class SGRStep(nn.Module):
 
         Returns:
             ``new_nodes (..., Q, S)`` and ``edges (..., Q, P)`` with ``Q = num_queries or P``.
+
+        Cost per graph: ``2 Q S^2 + 2 Q P S`` multiply-adds instead of ``3 P S^2 + 2 P^2 S`` for the
+        literal form. The per-query constant ``w_c . x_i + b_c`` cancels in the softmax but is kept,
+        so the logits equal ``Q K^T`` and ``graph_key_w.bias`` stays in the graph as officially.
         """
         queries = nodes if num_queries is None else nodes[..., :num_queries, :]
-        logits = self._qk_logits(queries, nodes)
+        w_f, b_f, w_c, b_c = self.folded_weights()
+        logits = torch.matmul(F.linear(queries, w_f, b_f), nodes.transpose(-1, -2))  # (..., Q, P)
+        logits = logits + F.linear(queries, w_c, b_c)  # (..., Q, 1) per-query constant
+        return self._aggregate(logits, nodes, key_mask)
+
+    def reference_forward(
+        self, nodes: Tensor, key_mask: Tensor | None = None, num_queries: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The literal official form ``softmax(W_q X (W_k X)^T)``: readable ground truth for tests."""
+        queries = nodes if num_queries is None else nodes[..., :num_queries, :]
+        logits = torch.matmul(self.graph_query_w(queries), self.graph_key_w(nodes).transpose(-1, -2))
+        return self._aggregate(logits, nodes, key_mask)
+
+    def _aggregate(self, logits: Tensor, nodes: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         if key_mask is not None:
             logits = logits.masked_fill(~key_mask.unsqueeze(-2), float("-inf"))
         edges = torch.softmax(logits, dim=-1)
         return torch.relu(self.sim_graph_w(torch.matmul(edges, nodes))), edges
-
-    def _qk_logits(self, queries: Tensor, nodes: Tensor) -> Tensor:
-        """Logits ``Q K^T`` ``(..., Q, P)`` computed without projecting the keys.
-
-        ``(Wq x_i + bq) . (Wk x_j + bk) = (Wk^T Wq x_i + Wk^T bq) . x_j + (x_i . Wq^T bk + bq . bk)``.
-        The first term needs one ``(S, S)`` projection of the query rows only; the bracket is a
-        per-query constant (it cancels in the softmax, but is kept so the logits equal ``Q K^T``
-        and ``graph_key_w.bias`` stays in the graph as in the official code). A step then costs
-        ``2 P S^2`` instead of ``3 P S^2`` projection multiply-adds, and a readout step
-        (``num_queries=1``) almost nothing.
-        """
-        wq, bq = self.graph_query_w.weight, self.graph_query_w.bias  # (S_out, S_in), (S_out,)
-        wk, bk = self.graph_key_w.weight, self.graph_key_w.bias
-        folded = F.linear(queries, wk.t() @ wq, wk.t() @ bq)  # (..., Q, S)
-        row_const = F.linear(queries, (wq.t() @ bk).unsqueeze(0), (bq @ bk).unsqueeze(0))  # (..., Q, 1)
-        return torch.matmul(folded, nodes.transpose(-1, -2)) + row_const
 
 
 def caption_batchnorm(logits: Tensor, mask: Tensor, bn: nn.BatchNorm1d, stats: str = "per_caption") -> Tensor:
@@ -320,37 +357,212 @@ def _fold_running_stats(bn: nn.BatchNorm1d, means: Tensor, unbiased_vars: Tensor
 class GatedPooling(nn.Module):
     """SAF-style attention filtration: pool nodes with sigmoid gates normalised to sum 1.
 
-    ``e_p = attn_sim_w(x_p)`` (or ``attn_sim_w(x_p * g)`` with a conditioning vector ``g``),
+    ``e_p = attn_sim_w(x_p)`` (or ``w . (x_p * g) + b`` with a conditioning vector ``g``),
     ``beta = l1n(sigmoid(BN(e)) * mask)``, output ``l2n(sum_p beta_p x_p)``. Parameter names
     (``attn_sim_w``, ``bn``) match SGRAF's ``SAF_module``. The BatchNorm follows
-    :func:`caption_batchnorm` with ``bn_stats`` (``"per_caption"`` = SGRAF's behaviour).
+    :func:`caption_batchnorm` with ``bn_stats`` (``"per_caption"`` = SGRAF's behaviour);
+    ``norm="none"`` drops it (``bn`` is then None).
     """
 
-    def __init__(self, sim_dim: int, bn_stats: str = "per_caption") -> None:
+    def __init__(self, sim_dim: int, bn_stats: str = "per_caption", norm: str = "bn") -> None:
         super().__init__()
         if bn_stats not in BN_STATS:
             raise ConfigError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+        if norm not in GATE_NORMS:
+            raise ConfigError(f"gate norm must be one of {GATE_NORMS}, got {norm!r}")
         self.bn_stats = bn_stats
         self.attn_sim_w = nn.Linear(sim_dim, 1)
-        self.bn = nn.BatchNorm1d(1)
+        self.bn = nn.BatchNorm1d(1) if norm == "bn" else None
         init_like_sgraf(self)
 
-    def forward(self, nodes: Tensor, mask: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, nodes: Tensor, mask: Tensor | None, condition: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Gate and pool.
 
         Args:
             nodes: ``(B, N, P, S)``.
-            mask: ``(N, P)`` bool, True = valid node.
+            mask: ``(N, P)`` bool, True = valid node; None = every node valid.
             condition: optional ``(B, N, S)`` vector multiplied into the nodes for the gate logits
-                only (the pooled values stay the raw nodes).
+                only (the pooled values stay the raw nodes). The logit is computed as
+                ``x . (w * g)``, so no ``(B, N, P, S)`` product is materialised.
 
         Returns:
             ``pooled (B, N, S)`` and ``beta (B, N, P)`` (0 at padded nodes, sums to 1 over valid ones
             up to the l1 epsilon).
         """
-        gate_in = nodes if condition is None else nodes * condition.unsqueeze(-2)
-        e = self.attn_sim_w(gate_in).squeeze(-1)  # (B, N, P)
-        e = caption_batchnorm(e, mask, self.bn, self.bn_stats)
-        beta = l1norm(torch.sigmoid(e) * mask.unsqueeze(0).to(e.dtype), dim=-1)
+        if condition is None:
+            e = self.attn_sim_w(nodes).squeeze(-1)  # (B, N, P)
+        else:
+            u = condition * self.attn_sim_w.weight[0]  # (B, N, S)
+            e = torch.matmul(nodes, u.unsqueeze(-1)).squeeze(-1) + self.attn_sim_w.bias
+        if self.bn is not None:
+            bn_mask = mask if mask is not None else e.new_ones(e.shape[1:], dtype=torch.bool)
+            e = caption_batchnorm(e, bn_mask, self.bn, self.bn_stats)
+        beta = torch.sigmoid(e)
+        if mask is not None:
+            beta = beta * mask.unsqueeze(0).to(e.dtype)
+        beta = l1norm(beta, dim=-1)
         pooled = torch.matmul(beta.unsqueeze(-2), nodes).squeeze(-2)  # (B, N, S)
         return l2norm(pooled, dim=-1), beta
+
+
+# ------------------------------------------------------------------------------------------------
+# length grouping (shared by the models that score caption blocks)
+# ------------------------------------------------------------------------------------------------
+def length_groups(
+    lengths: Tensor, max_groups: int, min_group: int = 8, max_cost_ratio: float = 0.85
+) -> tuple[Tensor, list[Tensor]] | None:
+    """Split captions into up to ``max_groups`` groups of similar length (CPU indices).
+
+    Returns ``(order, chunks)``: the stable length sort and its split into consecutive groups,
+    each of at least ``min_group`` captions; or None when grouping does not pay (fewer than two
+    groups, or the grouped padded cost ``sum_g |g| max_len(g)`` exceeds ``max_cost_ratio`` of the
+    ungrouped ``N max_len``). Scoring each group trimmed to its own longest caption is exact for
+    any model whose scores depend only on their pair.
+    """
+    lens = lengths.detach().cpu()
+    n = lens.shape[0]
+    k = min(int(max_groups), n // max(1, int(min_group)))
+    if k < 2:
+        return None
+    order = torch.argsort(lens, stable=True)
+    chunks = list(order.tensor_split(k))
+    if sum(len(c) * int(lens[c].max()) for c in chunks) > max_cost_ratio * n * int(lens.max()):
+        return None
+    return order, chunks
+
+
+# ------------------------------------------------------------------------------------------------
+# packed fast path (inference): valid words only, no padding in any D-sized tensor
+# ------------------------------------------------------------------------------------------------
+# The cost of SGRAF-style scoring is the (pair, word, D) work: the attended contexts and the
+# D -> S local projection (~80% of the FLOPs). The functions below keep the words of a caption
+# block *packed* (T = sum of lengths rows, no padding), turn the per-caption normalisations into
+# segment reductions over the packed axis, and do the D-sized element-wise work in place in as few
+# passes as possible. They are inference-only (in-place ops): callers use them when no gradient is
+# tracked, and the plain functions above otherwise. Tests prove both give the same numbers.
+@dataclass
+class PackedWords:
+    """The valid words of a caption block, packed.
+
+    Attributes:
+        words: ``(T, D)`` valid word vectors in caption order.
+        caption: ``(T,)`` long, caption index of each packed word.
+        position: ``(T,)`` long, flat index ``n * L + l`` of each packed word in the padded block.
+        num_captions: N; length: L (padded length of the block).
+    """
+
+    words: Tensor
+    caption: Tensor
+    position: Tensor
+    num_captions: int
+    length: int
+
+    @classmethod
+    def from_padded(cls, words: Tensor, mask: Tensor) -> PackedWords:
+        """``words (N, L, D)``, ``mask (N, L)`` -> packed words (one gather)."""
+        n, length, d = words.shape
+        position = mask.reshape(-1).nonzero().squeeze(1)
+        return cls(
+            words=words.reshape(n * length, d).index_select(0, position),
+            caption=torch.div(position, length, rounding_mode="floor"),
+            position=position,
+            num_captions=n,
+            length=length,
+        )
+
+    def unpack(self, packed: Tensor, lead: int = 0) -> Tensor:
+        """``(B, T, S)`` rows -> ``(B, N, lead + L, S)`` zeros elsewhere (the first ``lead`` slots are for
+        the caller, e.g. a global node); padded rows are 0 (finite; masked downstream)."""
+        b, _, s = packed.shape
+        out = packed.new_zeros(b, self.num_captions, lead + self.length, s)
+        dest = self.position + lead * (self.caption + 1)  # flat index into (N, lead + L)
+        out.view(b, -1, s).index_copy_(1, dest, packed)
+        return out
+
+
+def _no_grad_only(*tensors: Tensor) -> None:
+    if _tracks_grad(*tensors):
+        raise RuntimeError("the packed scoring functions are inference-only; use the plain functions with autograd")
+
+
+def packed_cross_logits(regions: Tensor, packed: PackedWords) -> Tensor:
+    """``leaky_0.1(v_{b,r} . t)`` for every region and packed word: ``(B, R, T)``, one GEMM."""
+    _no_grad_only(regions, packed.words)
+    b, r, d = regions.shape
+    logits = torch.mm(regions.reshape(b * r, d), packed.words.t())
+    return F.leaky_relu_(logits, 0.1).view(b, r, -1)
+
+
+def _segment_sum(x: Tensor, packed: PackedWords) -> Tensor:
+    """Sum of ``(..., T)`` over the words of each caption -> ``(..., N)``."""
+    out = x.new_zeros(*x.shape[:-1], packed.num_captions)
+    return out.index_add_(-1, packed.caption, x)
+
+
+def packed_t2i_attention(logits: Tensor, packed: PackedWords, smooth: float) -> Tensor:
+    """:func:`t2i_attention` on packed words: ``(B, R, T)`` logits -> weights ``(B, R, T)`` (each
+    word's column sums to 1 over R). Consumes ``logits`` (in place)."""
+    _no_grad_only(logits)
+    # l2 norm over each caption's words, per (image, region): a segment sum of squares.
+    scale = _segment_sum(logits.square(), packed).sqrt_().add_(_EPS).reciprocal_().mul_(smooth)  # (B, R, N)
+    logits.mul_(scale.index_select(-1, packed.caption))
+    return torch.softmax(logits, dim=1)
+
+
+def packed_i2t_attention(logits: Tensor, packed: PackedWords, smooth: float) -> Tensor:
+    """:func:`i2t_attention` on packed words: ``(B, R, T)`` logits -> weights ``(B, R, T)`` (each
+    region's weights over the words of each caption sum to 1). Does not modify ``logits``."""
+    _no_grad_only(logits)
+    x = logits * (smooth / (torch.linalg.vector_norm(logits, dim=1, keepdim=True) + _EPS))  # l2n over R
+    # Softmax over each caption's words (a segment softmax), shifted by the segment max.
+    seg_max = x.new_full((*x.shape[:-1], packed.num_captions), float("-inf"))
+    index = packed.caption.expand_as(x)
+    seg_max.scatter_reduce_(-1, index, x, reduce="amax", include_self=True)
+    x.sub_(seg_max.index_select(-1, packed.caption)).exp_()
+    return x.div_(_segment_sum(x, packed).index_select(-1, packed.caption))
+
+
+def _l2n_sub_square_(ctx: Tensor, query: Tensor) -> Tensor:
+    """``(l2n(ctx) - query)^2`` in place on ``ctx``: a norm pass, then one fused multiply-subtract
+    pass and one square pass (the plain formula takes five passes and two temporaries)."""
+    inv = torch.linalg.vector_norm(ctx, dim=-1, keepdim=True).add_(_EPS).reciprocal_()
+    torch.addcmul(query.neg(), ctx, inv, out=ctx)  # ctx * inv - query
+    return ctx.square_()
+
+
+def _project_l2n(diff2: Tensor, proj: nn.Linear) -> Tensor:
+    """``l2n(proj(x))`` over the last axis, the normalisation in place."""
+    y = F.linear(diff2, proj.weight, proj.bias)
+    return y.div_(torch.linalg.vector_norm(y, dim=-1, keepdim=True).add_(_EPS))
+
+
+def packed_t2i_similarity(attn: Tensor, regions: Tensor, packed: PackedWords, proj: nn.Linear) -> Tensor:
+    """Word-centred local similarity vectors of packed words: ``attn (B, R, T)`` -> ``(B, T, S)``.
+
+    Equals :func:`attended_context` + :func:`similarity_vectors` (``stream="t2i"``) on the valid words.
+    """
+    _no_grad_only(attn, regions, packed.words)
+    ctx = torch.bmm(attn.transpose(1, 2), regions)  # (B, T, D)
+    return _project_l2n(_l2n_sub_square_(ctx, packed.words), proj)
+
+
+def packed_i2t_similarity(attn: Tensor, regions: Tensor, packed: PackedWords, proj: nn.Linear) -> Tensor:
+    """Region-centred local similarity vectors: ``attn (B, R, T)`` -> ``(B, N, R, S)``.
+
+    Each (image, caption, region) context is a weighted sum of that caption's words: one bmm per
+    caption over its padded word slots, caption-first ``(N, B R, L) @ (N, L, D)``, so the region
+    query ``(B, R, D)`` broadcasts over captions without a copy. Equals :func:`attended_context` +
+    :func:`similarity_vectors` (``stream="i2t"``).
+    """
+    _no_grad_only(attn, regions, packed.words)
+    b, r, t = attn.shape
+    n, length, d = packed.num_captions, packed.length, packed.words.shape[1]
+    weights = attn.new_zeros(b * r, n * length)
+    weights.index_copy_(1, packed.position, attn.reshape(b * r, t))
+    weights = weights.view(b * r, n, length).transpose(0, 1)  # (N, B R, L)
+    words = packed.words.new_zeros(n * length, d).index_copy_(0, packed.position, packed.words)
+    ctx = torch.bmm(weights, words.view(n, length, d)).view(n, b, r, d)  # (N, B, R, D)
+    local = _project_l2n(_l2n_sub_square_(ctx, regions), proj)  # (N, B, R, S)
+    return local.transpose(0, 1)

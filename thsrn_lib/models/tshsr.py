@@ -37,24 +37,30 @@ from .registry import register_model
 from .selfattn import TextSA, VisualSA
 from .similarity import (
     BN_STATS,
+    GATE_NORMS,
     GatedPooling,
+    PackedWords,
     SGRStep,
     attended_context,
-    caption_batchnorm,
     cross_logits,
     global_similarity,
     i2t_attention,
+    length_groups,
+    packed_cross_logits,
+    packed_i2t_attention,
+    packed_i2t_similarity,
+    packed_t2i_attention,
+    packed_t2i_similarity,
     similarity_vectors,
     t2i_attention,
 )
 
-__all__ = ["TSHSRConfig", "TSHSR", "HSRA", "HSRB", "FlatSGR", "SAFReadout", "MeanReadout", "ContextGate"]
+__all__ = ["TSHSRConfig", "TSHSR", "HSRA", "HSRB", "FlatSGR", "SAFReadout", "MeanReadout"]
 
 STREAMS = ("t2i", "i2t")
 HSR_VARIANTS = ("A", "B", "sgr", "saf", "mean")
 FUSIONS = ("mean", "learned", "mlp")
 READOUTS = ("global", "concat")
-GATE_NORMS = ("bn", "none")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,15 +183,6 @@ class HSROutput:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _l2n(x: Tensor) -> Tensor:
-    """``x / (||x|| + 1e-8)`` (the eps placement of :func:`l2norm`) with a finite gradient at ``x = 0``.
-
-    Contexts pooled from ReLU outputs and ReLU phrase nodes can be exactly zero, where the
-    gradient of ``sqrt(sum x^2)`` is 0/0 = NaN; ``vector_norm`` takes the zero subgradient there.
-    """
-    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + 1e-8)
-
-
 def _full_mask(mask: Tensor | None, n_caps: int, n_nodes: int, device: torch.device) -> Tensor:
     """The ``(N, n)`` validity mask, all True where the nodes have no padding (I2T regions)."""
     if mask is not None:
@@ -206,61 +203,8 @@ def _scatter_edges(edges: Tensor, index: Tensor, size: int) -> Tensor:
 
 
 def sgr_step(step: SGRStep, nodes: Tensor, key_mask: Tensor | None, num_queries: int | None = None) -> tuple[Tensor, Tensor]:
-    """:meth:`SGRStep.forward` with one ``S x S`` projection per *query* node instead of two per node.
-
-    ``(W_q x_i + b_q) . (W_k x_j + b_k) = (W_k^T W_q x_i + W_k^T b_q) . x_j + (x_i . W_q^T b_k + b_q . b_k)``:
-    the key projection is folded into a per-block ``S x S`` matrix, so a step costs
-    ``2 P S^2 + 2 P^2 S`` instead of ``3 P S^2 + 2 P^2 S`` multiply-adds, and a readout step
-    (``num_queries=1``) costs ``O(P S)``. The last bracket is constant along the keys and cancels in
-    the softmax; it is kept so that the logits equal ``Q K^T`` and every parameter stays in the graph.
-
-    Args and returns as :meth:`SGRStep.forward`: ``nodes (..., P, S)``, ``key_mask`` broadcastable
-    to ``(..., P)`` (None = all valid) -> ``(..., Q, S)``, ``edges (..., Q, P)``.
-    """
-    wq, bq = step.graph_query_w.weight, step.graph_query_w.bias
-    wk, bk = step.graph_key_w.weight, step.graph_key_w.bias
-    queries = nodes if num_queries is None else nodes[..., :num_queries, :]
-    folded = F.linear(queries, wk.t() @ wq, wk.t() @ bq)  # (..., Q, S)
-    row_const = F.linear(queries, (wq.t() @ bk).unsqueeze(0), (bq @ bk).unsqueeze(0))  # (..., Q, 1)
-    logits = torch.matmul(folded, nodes.transpose(-1, -2)) + row_const
-    if key_mask is not None:
-        logits = logits.masked_fill(~key_mask.unsqueeze(-2), float("-inf"))
-    edges = torch.softmax(logits, dim=-1)
-    return torch.relu(step.sim_graph_w(torch.matmul(edges, nodes))), edges
-
-
-class ContextGate(nn.Module):
-    """HSR-A context extraction: SAF-style gated pooling of the local nodes, conditioned on g.
-
-    ``e_p = w . (x_p * g) + b`` (``conditioning``) or ``w . x_p + b`` (exactly SAF's gate);
-    ``e <- BN(e)`` with :func:`caption_batchnorm` unless ``norm="none"``;
-    ``beta = l1n(sigmoid(e) * mask)``; ``c = l2n(sum_p beta_p x_p)``.
-
-    The conditioned logit is computed as ``x . (w * g)``, so no ``(B, N, n, S)`` product is
-    materialised. Parameter names (``attn_sim_w``, ``bn``) follow SGRAF's SAF module.
-    """
-
-    def __init__(self, sim_dim: int, norm: str = "bn", bn_stats: str = "per_caption") -> None:
-        super().__init__()
-        self.bn_stats = bn_stats
-        self.attn_sim_w = nn.Linear(sim_dim, 1)
-        self.bn = nn.BatchNorm1d(1) if norm == "bn" else None
-        init_like_sgraf(self)
-
-    def forward(self, x: Tensor, mask: Tensor | None, condition: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``x (B, N, n, S)``, ``mask (N, n)`` or None, ``condition (B, N, S)`` or None -> ``c (B, N, S)``, ``beta (B, N, n)``."""
-        if condition is None:
-            e = self.attn_sim_w(x).squeeze(-1)
-        else:
-            u = condition * self.attn_sim_w.weight[0]  # (B, N, S)
-            e = torch.matmul(x, u.unsqueeze(-1)).squeeze(-1) + self.attn_sim_w.bias
-        if self.bn is not None:
-            e = caption_batchnorm(e, _full_mask(mask, x.shape[1], x.shape[2], x.device), self.bn, self.bn_stats)
-        beta = torch.sigmoid(e)
-        if mask is not None:
-            beta = beta * mask.to(beta.dtype)
-        beta = l1norm(beta, dim=-1)
-        return _l2n(torch.matmul(beta.unsqueeze(-2), x).squeeze(-2)), beta
+    """Kept for compatibility: the folded-key step now lives in :meth:`SGRStep.forward` (shared with SGR)."""
+    return step(nodes, key_mask, num_queries=num_queries)
 
 
 class HSRLevel(nn.Module):
@@ -268,7 +212,7 @@ class HSRLevel(nn.Module):
 
     def __init__(self, sim_dim: int, norm: str, bn_stats: str) -> None:
         super().__init__()
-        self.gate = ContextGate(sim_dim, norm, bn_stats)
+        self.gate = GatedPooling(sim_dim, bn_stats=bn_stats, norm=norm)  # HSR-A context extraction
         self.sgr = SGRStep(sim_dim)
 
 
@@ -309,7 +253,7 @@ class HSRA(nn.Module):
             last = h == num_levels
             # After the last step only the global node (and the contexts, for "concat") is read.
             n_query = None if (trace or not last) else (1 if self.readout == "global" else 1 + h)
-            nodes, edges = sgr_step(level.sgr, nodes, key_mask, num_queries=n_query)
+            nodes, edges = level.sgr(nodes, key_mask, num_queries=n_query)
             g, ctx = nodes[:, :, 0], nodes[:, :, 1 : 1 + h]
             x = nodes[:, :, 1 + h :]
             if trace:
@@ -322,7 +266,7 @@ class HSRA(nn.Module):
         if self.readout_w is None:
             out.z = g
         else:
-            out.z = _l2n(self.readout_w(torch.cat([g, ctx.mean(dim=2)], dim=-1)))
+            out.z = l2norm(self.readout_w(torch.cat([g, ctx.mean(dim=2)], dim=-1)), dim=-1)
         out.layout = [("global", 1)] + [(f"context:{h}", 1) for h in range(1, num_levels + 1)] + [("local", n)]
         return out
 
@@ -340,7 +284,7 @@ class FlatSGR(nn.Module):
         out = HSROutput(z=glob, layout=[("global", 1), ("local", local.shape[2])])
         for k, step in enumerate(self.steps):
             last = k == len(self.steps) - 1
-            nodes, edges = sgr_step(step, nodes, key_mask, num_queries=1 if last and not trace else None)
+            nodes, edges = step(nodes, key_mask, num_queries=1 if last and not trace else None)
             if trace:
                 out.edges.append(edges)
                 out.edge_masks.append(_full_mask(key_mask, nodes.shape[1], nodes.shape[2], nodes.device))
@@ -431,7 +375,7 @@ class HSRB(nn.Module):
             taps = conv.weight.permute(1, 2, 0).reshape(s_in, k * s_out)  # [c, i*S + o] = W[o, c, i]
             y = torch.matmul(local, taps)  # (B, N, n, k*S)
             phrase = conv.bias + sum(y[:, :, i : i + n_out, i * s_out : (i + 1) * s_out] for i in range(k))
-            nodes.append(_l2n(torch.relu(phrase)))
+            nodes.append(l2norm(torch.relu(phrase), dim=-1))
             start = torch.arange(n_out, device=local.device)
             if lengths is None:
                 masks.append(torch.ones(n_caps, n_out, dtype=torch.bool, device=local.device))
@@ -445,7 +389,7 @@ class HSRB(nn.Module):
         if self.queries is None:
             raise ConfigError("this HSR-B module has no cluster queries (it was built for the t2i stream only)")
         alpha = torch.softmax(torch.matmul(self.queries, local.transpose(-1, -2)), dim=-1)  # (B, N, M, R)
-        return _l2n(torch.matmul(alpha, local)), alpha
+        return l2norm(torch.matmul(alpha, local), dim=-1), alpha
 
     def forward(self, glob: Tensor, local: Tensor, mask: Tensor | None, stream: str, trace: bool = False) -> HSROutput:
         n_caps, n = local.shape[1], local.shape[2]
@@ -470,7 +414,7 @@ class HSRB(nn.Module):
             )
         for k, step in enumerate(self.steps):
             last = k == len(self.steps) - 1
-            nodes, edges = sgr_step(step, nodes, key_mask, num_queries=1 if last and not trace else None)
+            nodes, edges = step(nodes, key_mask, num_queries=1 if last and not trace else None)
             if trace:
                 out.edges.append(edges)
                 out.edge_masks.append(_full_mask(key_mask, n_caps, nodes.shape[2], nodes.device))
@@ -668,30 +612,46 @@ class TSHSR(MatchingModel):
         caption, ``(N, B, R, D)``, and the region query ``(B, R, D)`` broadcasts over the captions,
         i.e. the t2i-shaped code path of the shared helpers with the roles of the axes swapped.
         """
-        # A padded word's logits are all exactly 0, and the gradient of their region-axis norm is then
-        # 0/0 = NaN (sqrt at 0), which poisons the encoders through the masked softmax. Those columns
-        # are set to -inf inside i2t_attention anyway, so any finite non-zero stand-in is exact.
-        safe = logits.masked_fill(~mask[None, :, :, None], 1.0)
-        attn = i2t_attention(regions, words, mask, self.config.lambda_i2t, logits=safe)  # (B, N, R, L)
+        # i2t_attention's region-axis norm is zero-safe: padded words (all-zero logits) get no NaN gradient.
+        attn = i2t_attention(regions, words, mask, self.config.lambda_i2t, logits=logits)  # (B, N, R, L)
         ctx = attended_context(attn.transpose(0, 1), words, stream="t2i")  # (N, B, R, D)
         local = similarity_vectors(ctx, regions, self.streams["i2t"].sim_tranloc_w, stream="t2i")  # (N, B, R, S)
         return local.transpose(0, 1).contiguous(), attn
 
-    def _run(self, img_emb: Embeddings, txt_emb: Embeddings, trace: bool) -> dict:
+    def _packed_nodes(self, regions: Tensor, words: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """Inference-only local nodes of the active streams from packed words (no padded D-sized rows):
+        ``{"t2i": (B, N, L, S), "i2t": (B, N, R, S)}``; the region-word logits are computed once."""
+        packed = PackedWords.from_padded(words, mask)
+        logits = packed_cross_logits(regions, packed)  # (B, R, T)
+        out: dict[str, Tensor] = {}
+        if "i2t" in self.active_streams:  # first: the t2i attention consumes the logits in place
+            attn = packed_i2t_attention(logits, packed, self.config.lambda_i2t)
+            out["i2t"] = packed_i2t_similarity(attn, regions, packed, self.streams["i2t"].sim_tranloc_w)
+        if "t2i" in self.active_streams:
+            attn = packed_t2i_attention(logits, packed, self.config.lambda_t2i)
+            local = packed_t2i_similarity(attn, regions, packed, self.streams["t2i"].sim_tranloc_w)
+            out["t2i"] = packed.unpack(local)
+        return out
+
+    def _run(self, img_emb: Embeddings, txt_emb: Embeddings, trace: bool, fast: bool = False) -> dict:
         regions, v_glob = img_emb["regions"], img_emb["global"]
         words, t_glob, mask = txt_emb["words"], txt_emb["global"], txt_emb["mask"]
         if regions.shape[-1] != words.shape[-1]:
             raise DataError(f"image and text embeddings differ in size: {regions.shape[-1]} vs {words.shape[-1]}")
-        logits = cross_logits(regions, words)  # (B, N, L, R), shared by both attention directions
+        if fast:
+            locals_ = self._packed_nodes(regions, words, mask)
+        else:
+            logits = cross_logits(regions, words)  # (B, N, L, R), shared by both attention directions
         shared_glob = global_similarity(v_glob, t_glob, self.sim_tranglo_w) if self.sim_tranglo_w is not None else None
         res: dict = {"scores": {}, "z": {}, "hsr": {}, "attention": {}}
         for s in self.active_streams:
-            if s == "t2i":
+            local_mask: Tensor | None = mask if s == "t2i" else None  # every region is a valid node
+            if fast:
+                local, attn = locals_[s], None
+            elif s == "t2i":
                 local, attn = self._t2i_nodes(regions, words, mask, logits)
-                local_mask: Tensor | None = mask
             else:
                 local, attn = self._i2t_nodes(regions, words, mask, logits)
-                local_mask = None  # every region is a valid node
             glob = shared_glob if shared_glob is not None else global_similarity(v_glob, t_glob, self._glo_proj(s))
             out = self._hsr(s)(glob, local, local_mask, s, trace=trace)
             res["scores"][s] = torch.sigmoid(self.streams[s].sim_eval_w(out.z)).squeeze(-1)
@@ -720,6 +680,8 @@ class TSHSR(MatchingModel):
         since a score depends only on its pair; it is skipped in train mode when a gate BatchNorm
         is present, whose running statistics move in caption order.
         """
+        if self._use_fast_path(img_emb, txt_emb):
+            return self._fast_score_parts(img_emb, txt_emb)
         groups = self._length_groups(txt_emb["lengths"])
         if groups is None:
             res = self._run(img_emb, _trim(txt_emb), trace=False)
@@ -734,22 +696,51 @@ class TSHSR(MatchingModel):
         parts = {s: torch.cat([o["scores"][s] for o in outs], dim=1)[:, inverse] for s in self.active_streams}
         return fused, parts
 
+    #: Fast-path tile (images x length-sorted captions); see :meth:`preferred_block`.
+    tile_images: int = 8
+    tile_captions: int = 16
+    #: Set False to force the plain vectorised path (tests compare the two).
+    use_fast_path: bool = True
+
+    def preferred_block(self) -> tuple[int, int]:
+        """``(images, captions)`` per :meth:`score` call; any block is exact and is tiled internally."""
+        return 128, 1024
+
+    def _use_fast_path(self, img_emb: Embeddings, txt_emb: Embeddings) -> bool:
+        tensors = (img_emb["regions"], img_emb["global"], txt_emb["words"], txt_emb["global"])
+        return (
+            self.use_fast_path
+            and not self.training
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *self.parameters())))
+        )
+
+    def _fast_score_parts(self, img_emb: Embeddings, txt_emb: Embeddings) -> tuple[Tensor, dict[str, Tensor]]:
+        """Inference: length-sorted caption tiles x image tiles, packed local nodes, outputs written in place."""
+        lens = txt_emb["lengths"].detach().cpu()
+        b, n = img_emb["regions"].shape[0], lens.shape[0]
+        fused = img_emb["regions"].new_empty(b, n)
+        parts = {s: img_emb["regions"].new_empty(b, n) for s in self.active_streams}
+        device = txt_emb["lengths"].device
+        for idx_cpu in torch.argsort(lens, stable=True).split(self.tile_captions):
+            idx = idx_cpu.to(device)
+            txt = _trim(select(txt_emb, idx))
+            for i0 in range(0, b, self.tile_images):
+                rows = slice(i0, i0 + self.tile_images)
+                res = self._run(select(img_emb, rows), txt, trace=False, fast=True)
+                fused[rows, idx] = res["fused"]
+                for s in self.active_streams:
+                    parts[s][rows, idx] = res["scores"][s]
+        return fused, parts
+
     #: Upper bound on the caption-length groups of :meth:`score_parts` (1 disables grouping).
     max_length_buckets: int = 4
     _MIN_BUCKET = 8
 
     def _length_groups(self, lengths: Tensor) -> tuple[Tensor, list[Tensor]] | None:
         """Sorted caption order and its split into length groups, or None when one block is as cheap."""
-        n = lengths.shape[0]
-        k = min(self.max_length_buckets, n // self._MIN_BUCKET)
-        if k < 2 or (self.training and self._has_gate_bn):
+        if self.training and self._has_gate_bn:
             return None
-        lens = lengths.detach().cpu()
-        order = torch.argsort(lens, stable=True)
-        chunks = list(order.tensor_split(k))
-        if sum(len(c) * int(lens[c].max()) for c in chunks) > 0.85 * n * int(lens.max()):
-            return None  # lengths too uniform for the extra, smaller calls to pay off
-        return order, chunks
+        return length_groups(lengths, self.max_length_buckets, self._MIN_BUCKET)
 
     @property
     def _has_gate_bn(self) -> bool:

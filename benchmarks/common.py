@@ -1,0 +1,81 @@
+"""Timing, memory and hardware-peak helpers shared by the benchmarks."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_call(fn: Callable[[], Any], *, repeat: int = 3, warmup: int = 1, min_seconds: float = 0.0) -> float:
+    """Best wall time (s) of ``fn()`` over ``repeat`` runs after ``warmup`` runs.
+
+    The best run, not the mean: on a shared machine the minimum is the most stable estimate of
+    what the code itself costs.
+    """
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    runs = 0
+    start = time.perf_counter()
+    while runs < repeat or (time.perf_counter() - start) < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        runs += 1
+    return best
+
+
+def matmul_peak_gflops(n: int = 2048, repeat: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's achievable fp32 GEMM rate (GFLOP/s) with torch's current thread count."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    seconds = time_call(lambda: torch.mm(a, b), repeat=repeat, warmup=2)
+    return 2.0 * n**3 / seconds / 1e9
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024.0 if platform.system() == "Linux" else rss / 2**20
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def save_results(name: str, data: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/<name>.json`` (atomic)."""
+    from thsrn_lib.utils.io import atomic_write_json
+
+    path = RESULTS_DIR / f"{name}.json"
+    atomic_write_json(path, {"machine": machine_info(), **data})
+    return path
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table; ``columns`` = (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([format(row[k], f) if row.get(k) is not None else "-" for k, _, f in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2)
