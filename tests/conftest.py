@@ -31,3 +31,11 @@ def scan_captions_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real SCAN caption files not found at {SHARED_DATA} (only present beside the project checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def scenes_tiny(tmp_path_factory) -> Path:
+    """The Scenes ``tiny`` preset, generated once per test session (seed 0)."""
+    from thsrn_lib.data.scenes import generate
+
+    return Path(generate(preset="tiny", out=tmp_path_factory.mktemp("scenes"), seed=0))
