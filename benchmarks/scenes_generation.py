@@ -1,6 +1,6 @@
 """Time a fresh (uncached) generation of a Scenes preset, per stage.
 
-    python benchmarks/scenes_generation.py [--preset demo] [--seed 0] [--keep DIR]
+    python -m benchmarks.scenes_generation [--preset demo] [--seed 0] [--keep DIR]
 
 Generates into a temporary folder (so nothing is reused from a cache), prints the seconds
 spent in each stage, the total, the size on disk and the t2i R@1 ceiling of the test split.
@@ -22,12 +22,12 @@ import time
 from thsrn_lib.data.scenes import caption_ambiguity_ceiling, generate_with_report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", default=None, help="generate into this folder instead of a temporary one")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="scenes-bench-") as tmp:
         out = args.keep or tmp

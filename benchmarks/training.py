@@ -1,0 +1,101 @@
+"""Training-step throughput of every model on this machine's CPU.
+
+One step = encode a batch of b (image, caption) pairs, score the b x b matrix, hardest-negative
+triplet loss, backward, gradient clipping, Adam step -- what the trainer's inner loop does. Two
+size settings: the Scenes demo recipe's dimensions (what `make demo` trains) and the papers'
+(D=1024, S=256, 36 x 2048 regions), with batch 128 captions of length 8-23.
+
+On CUDA, the trainer runs the same step under autocast (bf16, or fp16 with a GradScaler) and
+never syncs with the host inside the loop; to benchmark a GPU, run this script with
+``--device cuda --amp bf16`` on the GPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Any
+
+import torch
+
+from thsrn_lib.losses import ContrastiveLoss
+from thsrn_lib.models import create
+
+from .common import format_table, save_results, time_call
+
+SIZES = {
+    "demo": dict(img_dim=256, num_regions=12, embed_size=256, sim_dim=64, word_dim=128, vocab_size=200),
+    "paper": dict(img_dim=2048, num_regions=36, embed_size=1024, sim_dim=256, word_dim=300, vocab_size=8481),
+}
+
+
+def make_batch(size: dict[str, int], b: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(b, size["num_regions"], size["img_dim"], generator=g).abs()
+    lengths = torch.randint(8, 24, (b,), generator=g)
+    ids = torch.randint(4, size["vocab_size"], (b, int(lengths.max())), generator=g)
+    ids[:, 0] = 1
+    for j, n in enumerate(lengths.tolist()):
+        ids[j, n - 1] = 2
+        ids[j, n:] = 0
+    return feats, ids, lengths
+
+
+def bench(name: str, size_name: str, batch: int, device: str, amp: str, repeat: int) -> dict[str, Any]:
+    size = SIZES[size_name]
+    torch.manual_seed(0)
+    model = create(name, **size).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+    loss_fn = ContrastiveLoss(0.2)
+    feats, ids, lengths = (t.to(device) for t in make_batch(size, batch))
+    index = torch.arange(batch, device=device)
+    # The ranking loss on the model's scores (HJE's extra local-label loss is a b x b MSE: negligible).
+    crit = lambda m: loss_fn(m(feats, ids, lengths), index)  # noqa: E731
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        if device.startswith("cuda") and amp != "off"
+        else contextlib.nullcontext()
+    )
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = crit(model)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    seconds = time_call(step, repeat=repeat, warmup=1)
+    return {
+        "model": name,
+        "size": size_name,
+        "batch": batch,
+        "step_s": seconds,
+        "samples_per_s": batch / seconds,
+        "pairs_per_s": batch * batch / seconds,
+        "params_m": model.num_parameters() / 1e6,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--models", nargs="+", default=["tshsr", "sgr", "saf", "shan", "hje"])
+    p.add_argument("--sizes", nargs="+", default=["demo", "paper"], choices=sorted(SIZES))
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"])
+    p.add_argument("--repeat", type=int, default=2)
+    args = p.parse_args(argv)
+    rows = [bench(m, s, args.batch, args.device, args.amp, args.repeat) for s in args.sizes for m in args.models]
+    print(format_table(rows, [
+        ("model", "model", "s"), ("size", "size", "s"), ("batch", "batch", "d"), ("params_m", "params (M)", ".2f"),
+        ("step_s", "s/step", ".3f"), ("samples_per_s", "samples/s", ".1f"), ("pairs_per_s", "scored pairs/s", ".0f"),
+    ]))
+    result = {"config": vars(args), "rows": rows}
+    save_results("training", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
