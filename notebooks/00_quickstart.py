@@ -45,6 +45,7 @@ seed: int = 0  # weights, data order and the examples shown
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
+from IPython.display import display
 
 from thsrn_lib import notebook_utils as nbu
 from thsrn_lib import viz
@@ -130,6 +131,7 @@ visual = viz.VisualContext.from_dataset(test_set)
 fig_ret = viz.image_gallery(sims[:, query], visual, k=min(5, test_set.n_images), gt=[query // 5],
                             query=test_set.captions[query], ncols=5)
 nbu.save_figure(fig_ret, out, "retrieval")
+display(fig_ret)  # thsrn_lib.viz builds figures without pyplot: they are shown explicitly
 nbu.show_table(nbu.image_to_text_rows(test_set, sims, query // 5, k=5), index="rank", floatfmt="{:.3f}")
 
 # %% [markdown]
@@ -143,6 +145,7 @@ nbu.show_table(nbu.image_to_text_rows(test_set, sims, query // 5, k=5), index="r
 pair = viz.pair_maps(model, test_set, image_index=query // 5, caption_index=query)
 fig_align = viz.pair_attention(pair, "t2i", visual, positions=sorted(pair.gt_regions) or None)
 nbu.save_figure(fig_align, out, "alignment")
+display(fig_align)
 t2i = pair.word_region["t2i"]  # (words, regions), model positions (<start> first)
 pointing = [{"word": pair.tokens[p], "top_region": int(t2i[p].argmax()), "hit": int(t2i[p].argmax()) in gt}
             for p, gt in sorted(pair.gt_regions.items())]

@@ -164,7 +164,7 @@ def stream_disagreement(mats: Mapping[str, np.ndarray], a: str, b: str, captions
     ax.set_yscale("log")
     ax.set_xlabel(f"rank of the caption's image, {a}", fontsize=8, color=style.stream_color(a, 0))
     ax.set_ylabel(f"rank, {b}", fontsize=8, color=style.stream_color(b, 1))
-    ax.set_title("per caption (below the line: b ranks better)", fontsize=8)
+    ax.set_title(f"per caption (below the line: {b} ranks better)", fontsize=8)
     ax.set_label("panel")
     ax2 = fig.add_subplot(grid[1])
     shares = [float(np.mean(ra < rb)), float(np.mean(ra == rb)), float(np.mean(ra > rb))]
