@@ -12,8 +12,9 @@ the item axis first. That keeps them sliceable (:func:`select`) and concatenable
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,7 @@ class ModelConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         """Build from plain data; unknown keys are an error (see :func:`thsrn_lib.models.registry.build_config`)."""
         from .registry import _checked_config  # local import: registry imports this module
 

@@ -5,7 +5,8 @@ plugs into the same sharded evaluation as a single model.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
