@@ -248,6 +248,8 @@ def test_cli_run_killed_at_an_arbitrary_moment_resumes_exactly(scenes_tiny, tmp_
     time.sleep(0.1)  # somewhere in the middle of the following steps (or of a checkpoint write)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]  # killed mid-run, not finished
+    assert load_checkpoint(out / "checkpoint_last.pt")["step"] < N_STEPS
     from thsrn_lib.cli import main
 
     assert main(["train", *args, "--resume"]) == 0
@@ -273,3 +275,30 @@ def test_a_stop_signal_finishes_the_step_and_saves(scenes_tiny, tmp_path, signum
     assert ck["step"] == 2 and ck["epoch"] == 0 and ck["batch_in_epoch"] == 2
     resumed = Trainer(smoke_config(scenes_tiny, tmp_path / "stop", "optim.epochs=50", "run.max_steps=3"), resume=True).fit()
     assert resumed.step == 3 and not resumed.interrupted
+
+
+def test_thread_setting_applies_only_during_the_run(scenes_tiny, tmp_path):
+    seen = []
+    cfg = smoke_config(scenes_tiny, tmp_path / "t", "run.threads=2", "run.max_steps=1", "run.log_every=1",
+                       "data.val_split=null")
+    before = torch.get_num_threads()
+    result = Trainer(cfg, callbacks=[lambda kind, rec: seen.append(torch.get_num_threads())]).fit()
+    assert seen and set(seen) == {2} and torch.get_num_threads() == before
+    assert result.best_checkpoint is None and result.last_checkpoint is not None  # no validation split, no best
+
+
+def test_log_window_flags_a_diverged_loss():
+    from thsrn_lib.train.distributed import DistInfo
+    from thsrn_lib.train.trainer import _Accumulator
+
+    acc = _Accumulator(torch.device("cpu"))
+    acc.add(torch.tensor(2.0), {"loss_rank": torch.tensor(1.0)}, torch.tensor(0.5), pairs=4)
+    acc.add(torch.tensor(4.0), {"loss_rank": torch.tensor(3.0)}, torch.tensor(1.5), pairs=4)
+    assert acc.means(DistInfo()) == {"grad_norm": 1.0, "loss": 3.0, "loss_rank": 2.0} and not acc.all_nonfinite
+    restored = _Accumulator.from_state_dict(acc.state_dict(), torch.device("cpu"))
+    assert restored.means(DistInfo()) == acc.means(DistInfo()) and restored.pairs == 8
+    bad = _Accumulator(torch.device("cpu"))
+    for _ in range(2):
+        bad.add(torch.tensor(float("nan")), {}, None, pairs=4)
+    bad.means(DistInfo())
+    assert bad.all_nonfinite

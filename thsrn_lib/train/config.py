@@ -133,6 +133,7 @@ class RunConfig:
     device: str = _opt("auto", "auto | cpu | cuda | cuda:K")
     amp: str = _opt("auto", "auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | off")
     deterministic: bool = _opt(False, "deterministic kernels (slower on CUDA)")
+    threads: Union[int, None] = _opt(None, "CPU threads of torch in this process; null = torch's default (all cores)")
     log_every: int = _opt(10, "optimiser steps between logged training lines")
     val_every_steps: int = _opt(0, "extra validation every N steps (logged only); 0 = epoch ends only")
     val_batch_size: int = _opt(128, "images/captions per encoding batch during validation")
@@ -154,6 +155,8 @@ class RunConfig:
                 raise ConfigError(f"run.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"run.max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"run.threads must be >= 1 or null, got {self.threads}")
         if self.seed < 0:
             raise ConfigError(f"run.seed must be >= 0, got {self.seed}")
 

@@ -88,7 +88,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(local_rank)
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=_GROUP_TIMEOUT)
+        # Binding the group to this process's GPU lets NCCL barriers know their device.
+        extra = {"device_id": torch.device("cuda", local_rank)} if use_cuda else {}
+        dist.init_process_group(backend=backend, timeout=_GROUP_TIMEOUT, **extra)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, backend=backend)
 
 

@@ -248,6 +248,9 @@ class Trainer:
         cfg = self.config
         self.dist = init_distributed(cfg.run.device)
         prev_deterministic = torch.are_deterministic_algorithms_enabled()
+        prev_threads = torch.get_num_threads()
+        if cfg.run.threads is not None:
+            torch.set_num_threads(cfg.run.threads)
         try:
             with self._signal_handlers():
                 return self._fit()
@@ -255,6 +258,8 @@ class Trainer:
             # Leave the process as found (notebooks run several trainings); the call is slow, so only if changed.
             if torch.are_deterministic_algorithms_enabled() != prev_deterministic:
                 torch.use_deterministic_algorithms(prev_deterministic)
+            if torch.get_num_threads() != prev_threads:
+                torch.set_num_threads(prev_threads)
             cleanup_distributed(self.dist)
 
     # ------------------------------------------------------------------ setup
