@@ -24,9 +24,9 @@ data: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/thsrn scenes --preset demo --out $(SCENES_DIR)
-	$(VENV)/bin/thsrn train --config configs/scenes_demo_tshsr.yaml
-	$(VENV)/bin/thsrn train --config configs/scenes_demo_sgr.yaml
-	$(VENV)/bin/thsrn train --config configs/scenes_demo_saf.yaml
+	$(VENV)/bin/thsrn train --config configs/scenes_demo_tshsr.yaml --overwrite
+	$(VENV)/bin/thsrn train --config configs/scenes_demo_sgr.yaml --overwrite
+	$(VENV)/bin/thsrn train --config configs/scenes_demo_saf.yaml --overwrite
 	$(VENV)/bin/thsrn eval --checkpoint runs/scenes_demo_tshsr/checkpoint_best.pt --data $(SCENES_DIR)/demo --split test --protocol generic --out runs/eval/tshsr
 	$(VENV)/bin/thsrn eval --checkpoint runs/scenes_demo_sgr/checkpoint_best.pt --data $(SCENES_DIR)/demo --split test --protocol generic --out runs/eval/sgr
 	$(VENV)/bin/thsrn eval --checkpoint runs/scenes_demo_saf/checkpoint_best.pt --data $(SCENES_DIR)/demo --split test --protocol generic --out runs/eval/saf
