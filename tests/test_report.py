@@ -67,11 +67,46 @@ NO_PARAMS = '''# %%
 x = 1
 '''
 
+# Two of these meet: each announces itself, then waits for the other. They can only both finish
+# if the runner executes them at the same time.
+MEET = '''# %% tags=["parameters"]
+output_dir: str = ""
+me: str = ""
+other: str = ""
+meeting_dir: str = ""
+
+# %%
+import os, time
+from pathlib import Path
+from thsrn_lib import notebook_utils as nbu
+
+start = time.time()
+Path(meeting_dir, me).touch()
+while not Path(meeting_dir, other).exists():
+    if time.time() - start > 60:
+        raise RuntimeError(f"{other} never started while {me} was running")
+    time.sleep(0.05)
+nbu.save_metrics(nbu.output_folder(output_dir, me), {"omp": os.environ.get("OMP_NUM_THREADS"), "end": time.time()})
+'''
+
+READER = '''# %% tags=["parameters"]
+output_dir: str = ""
+source: str = ""
+
+# %%
+import json, time
+from thsrn_lib import notebook_utils as nbu
+
+nbu.save_metrics(nbu.output_folder(output_dir, "reader"),
+                 {"slope_read": json.load(open(source))["slope"], "start": time.time()})
+'''
+
 
 @pytest.fixture(scope="module")
 def nb_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("notebooks")
-    for name, text in {"good": GOOD, "bad": BAD, "slow": SLOW, "noparams": NO_PARAMS}.items():
+    for name, text in {"good": GOOD, "bad": BAD, "slow": SLOW, "noparams": NO_PARAMS, "meet": MEET,
+                       "reader": READER}.items():
         (d / f"{name}.py").write_text(text, encoding="utf-8")
     return d
 
@@ -258,6 +293,57 @@ def test_plan_checks(nb_dir, tmp_path, monkeypatch):
     assert plan.output_dir == (tmp_path / "reports" / "t").resolve()
     assert [s.name for s in plan.notebooks] == ["g2"]
     assert plan.notebooks[0].parameters == {"scale": 5.0, "note": "n"} and plan.notebooks[0].timeout == 9.0
+
+
+def test_plan_jobs_and_dependencies(nb_dir, tmp_path):
+    good, reader = str(nb_dir / "good.py"), str(nb_dir / "reader.py")
+    for bad_jobs in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="'jobs' must be a whole number"):
+            load_plan({"name": "t", "jobs": bad_jobs, "notebooks": [good]})
+    with pytest.raises(ConfigError, match="--jobs"):
+        load_plan({"name": "t", "notebooks": [good]}, jobs=0)
+    with pytest.raises(ConfigError, match=r"'after' names \['reader'\], which are not earlier"):
+        load_plan({"name": "t", "notebooks": [{"path": good, "after": ["reader"]}, reader]})
+    with pytest.raises(ConfigError, match="'after' must be a list"):
+        load_plan({"name": "t", "notebooks": [good, {"path": reader, "after": [3]}]})
+    plan = load_plan({"name": "t", "jobs": 3, "output_dir": str(tmp_path), "notebooks": [
+        good, {"path": good, "name": "g2"},
+        # implied by {run_dir}/good (not by {run_dir}/g2x, which is no notebook of the plan)
+        {"path": reader, "parameters": {"source": "{run_dir}/good/metrics.json", "x": "{run_dir}/g2x"}},
+        {"path": reader, "name": "r2", "after": "g2"}]})
+    assert plan.jobs == 3
+    assert [s.after for s in plan.notebooks] == [(), (), ("good",), ("g2",)]
+    assert load_plan({"name": "t", "jobs": 3, "notebooks": [good]}, jobs=1).jobs == 1  # --jobs wins
+    only = load_plan({"name": "t", "notebooks": [good, {"path": reader, "after": ["good"]}]}, only=["reader"])
+    assert only.notebooks[0].after == ()  # good is not run: its earlier output is used
+
+
+def test_parallel_run_overlaps_independent_notebooks_and_orders_dependents(nb_dir, tmp_path):
+    """jobs=2: meet_a and meet_b must run at the same time (each waits for the other), the reader
+    only after `good` wrote its metrics, a failure does not stop the others, and the report keeps
+    plan order."""
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    meet = str(nb_dir / "meet.py")
+    logs: list[str] = []
+    result = run_plan({"name": "par", "output_dir": str(tmp_path / "r"), "jobs": 2, "notebooks": [
+        {"path": str(nb_dir / "good.py"), "parameters": {"scale": 4.0}},
+        {"path": meet, "name": "meet_a", "parameters": {"me": "a", "other": "b", "meeting_dir": str(meeting)}},
+        {"path": meet, "name": "meet_b", "parameters": {"me": "b", "other": "a", "meeting_dir": str(meeting)}},
+        {"path": str(nb_dir / "reader.py"), "parameters": {"source": "{run_dir}/good/metrics.json"}},
+        {"path": str(nb_dir / "bad.py")},
+    ]}, log=logs.append)
+    assert [nb.name for nb in result.notebooks] == ["good", "meet_a", "meet_b", "reader", "bad"]
+    assert [nb.name for nb in result.failed] == ["bad"], [nb.error for nb in result.failed]
+    out = tmp_path / "r"
+    good_done = (out / "good" / "metrics.json").stat().st_mtime
+    reader = json.loads((out / "reader" / "metrics.json").read_text())
+    assert reader["slope_read"] == 4.0 and reader["start"] >= good_done - 1.0
+    threads = str(max(1, (os.cpu_count() or 1) // 2))  # the cores are split between the two kernels
+    assert json.loads((out / "meet_a" / "metrics.json").read_text())["omp"] in (threads, os.environ.get("OMP_NUM_THREADS"))
+    assert any("2 at a time" in m for m in logs)
+    report = json.loads((out / "report.json").read_text())
+    assert [nb["status"] for nb in report["notebooks"]] == ["ok", "ok", "ok", "ok", "failed"]
 
 
 def test_cell_timeout_marks_failure_and_keeps_notebook(nb_dir, tmp_path):

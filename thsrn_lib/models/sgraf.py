@@ -39,6 +39,7 @@ from .similarity import (
     PackedWords,
     SGRStep,
     attended_context,
+    fast_tile,
     global_similarity,
     length_groups,
     packed_cross_logits,
@@ -269,8 +270,9 @@ class SGRAF(MatchingModel):
     _MIN_BUCKET = 8
     #: Fast-path tile: images x captions scored together (chosen by ``benchmarks/scoring.py --tiles``;
     #: see :meth:`preferred_block`). The captions of a block are length-sorted before tiling.
-    tile_images: int = 8
-    tile_captions: int = 32
+    #: None: :func:`~thsrn_lib.models.similarity.fast_tile` of 8 x 32 for the embedding size.
+    tile_images: int | None = None
+    tile_captions: int | None = None
     #: Set False to force the plain vectorised path (tests compare the two).
     use_fast_path: bool = True
 
@@ -314,19 +316,20 @@ class SGRAF(MatchingModel):
         device = regions.device
         out = regions.new_empty(b, n)
         order = torch.argsort(lens, stable=True)
-        for c_idx_cpu in order.split(self.tile_captions):
+        tile_i, tile_c = fast_tile((8, 32), regions.shape[-1], (self.tile_images, self.tile_captions))
+        for c_idx_cpu in order.split(tile_c):
             c_idx = c_idx_cpu.to(device)
             used = int(lens[c_idx_cpu].max())
             t_mask = mask.index_select(0, c_idx)[:, :used]
             packed = PackedWords.from_padded(words.index_select(0, c_idx)[:, :used], t_mask)
             t_glob = txt_glob.index_select(0, c_idx)
             node_mask = F.pad(t_mask, (1, 0), value=True)  # (n, 1 + L): node 0 = global
-            for i0 in range(0, b, self.tile_images):
-                reg = regions[i0 : i0 + self.tile_images]
+            for i0 in range(0, b, tile_i):
+                reg = regions[i0 : i0 + tile_i]
                 attn = packed_t2i_attention(packed_cross_logits(reg, packed), packed, cfg.smooth)
                 local = packed_t2i_similarity(attn, reg, packed, sim.sim_tranloc_w)  # (b, T, S)
                 nodes = packed.unpack(local, lead=1)  # (b, n, 1 + L, S)
-                nodes[:, :, 0] = global_similarity(img_glob[i0 : i0 + self.tile_images], t_glob, sim.sim_tranglo_w)
+                nodes[:, :, 0] = global_similarity(img_glob[i0 : i0 + tile_i], t_glob, sim.sim_tranglo_w)
                 if cfg.module_name == "SGR":
                     steps = list(sim.SGR_module)
                     for k, step in enumerate(steps):
@@ -334,7 +337,7 @@ class SGRAF(MatchingModel):
                     z = nodes[:, :, 0]
                 else:
                     z, _ = sim.SAF_module(nodes, node_mask)
-                out[i0 : i0 + self.tile_images, c_idx] = torch.sigmoid(sim.sim_eval_w(z)).squeeze(-1)
+                out[i0 : i0 + tile_i, c_idx] = torch.sigmoid(sim.sim_eval_w(z)).squeeze(-1)
         return out
 
     def _block(self, img_emb: Embeddings, txt_emb: Embeddings, used_len: int | None, keep_maps: bool) -> dict[str, Any]:

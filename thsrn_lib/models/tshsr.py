@@ -43,6 +43,7 @@ from .similarity import (
     SGRStep,
     attended_context,
     cross_logits,
+    fast_tile,
     global_similarity,
     i2t_attention,
     length_groups,
@@ -697,8 +698,9 @@ class TSHSR(MatchingModel):
         return fused, parts
 
     #: Fast-path tile (images x length-sorted captions); see :meth:`preferred_block`.
-    tile_images: int = 8
-    tile_captions: int = 16
+    #: None: :func:`~thsrn_lib.models.similarity.fast_tile` of 8 x 16 for the embedding size.
+    tile_images: int | None = None
+    tile_captions: int | None = None
     #: Set False to force the plain vectorised path (tests compare the two).
     use_fast_path: bool = True
 
@@ -721,11 +723,12 @@ class TSHSR(MatchingModel):
         fused = img_emb["regions"].new_empty(b, n)
         parts = {s: img_emb["regions"].new_empty(b, n) for s in self.active_streams}
         device = txt_emb["lengths"].device
-        for idx_cpu in torch.argsort(lens, stable=True).split(self.tile_captions):
+        tile_i, tile_c = fast_tile((8, 16), img_emb["regions"].shape[-1], (self.tile_images, self.tile_captions))
+        for idx_cpu in torch.argsort(lens, stable=True).split(tile_c):
             idx = idx_cpu.to(device)
             txt = _trim(select(txt_emb, idx))
-            for i0 in range(0, b, self.tile_images):
-                rows = slice(i0, i0 + self.tile_images)
+            for i0 in range(0, b, tile_i):
+                rows = slice(i0, i0 + tile_i)
                 res = self._run(select(img_emb, rows), txt, trace=False, fast=True)
                 fused[rows, idx] = res["fused"]
                 for s in self.active_streams:

@@ -32,8 +32,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     code.add_argument("--show-code", dest="hide_code", action="store_false", help="keep code cells in the HTML")
     parser.add_argument("--only", action="append", default=None, metavar="NAME",
                         help="run only this notebook (name or file stem); repeatable")
+    parser.add_argument("-j", "--jobs", type=_positive_int, default=None, metavar="N",
+                        help="notebooks executed at the same time, the CPU cores split between them (default: the "
+                        "plan's 'jobs', else 1); a notebook still waits for those it depends on")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="parameter for every notebook (VALUE parsed as YAML, e.g. -p smoke=true); repeatable")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
@@ -50,6 +63,6 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     result = run_plan(args.plan, output_dir=args.output_dir, hide_code=args.hide_code, only=args.only,
-                      extra_parameters=_parse_params(args.param))
+                      extra_parameters=_parse_params(args.param), jobs=args.jobs)
     print(result.index_path)
     return 0 if result.ok else 1

@@ -73,18 +73,23 @@ def ensure_kernel(name: str = "thsrn", display_name: str = "Python (thsrn-workbe
 
 
 @contextlib.contextmanager
-def kernel_environment() -> Iterator[None]:
+def kernel_environment(threads: int | None = None) -> Iterator[None]:
     """Temporarily set the environment a kernel started inside the block inherits.
 
     Kernels are child processes that copy ``os.environ`` at launch; papermill offers no other
     way to pass an environment, so this swaps the variables around the call and restores them.
+    ``threads`` caps the kernel's OpenMP/BLAS threads (torch reads ``OMP_NUM_THREADS`` at import)
+    unless the user set ``OMP_NUM_THREADS`` already.
     """
-    saved = {k: os.environ.get(k) for k in ("MPLBACKEND", "PYTHONPATH")}
+    keys = ("MPLBACKEND", "PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in keys}
     root = str(project_root())
     try:
         os.environ["MPLBACKEND"] = INLINE_BACKEND
         parts = [p for p in (saved["PYTHONPATH"] or "").split(os.pathsep) if p]
         os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in parts if p != root])
+        if threads is not None and saved["OMP_NUM_THREADS"] is None:
+            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
         yield
     finally:
         for k, v in saved.items():

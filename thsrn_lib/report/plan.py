@@ -6,24 +6,31 @@ A plan is a YAML file (or the equivalent dict)::
     output_dir: reports/demo        # optional
     hide_code: false                # HTML renderings without the code cells
     kernel: thsrn                   # optional Jupyter kernel name (default: the project kernel)
+    jobs: 2                         # optional, notebooks executed at the same time (default 1)
     defaults: {smoke: false}        # parameters given to every notebook
     notebooks:
       - path: notebooks/00_quickstart.py
         name: quickstart            # optional, default: the file stem
         parameters: {train_seconds: 120}
         timeout: 900                # optional, seconds per cell
+      - path: notebooks/03_evaluate.py
+        after: [quickstart]         # optional, notebooks that must finish first
 
 Relative paths (``output_dir``, ``path``) are resolved against the current working directory,
 like the ``--plan`` argument itself. In parameter values, the tokens ``{run_dir}`` (the absolute
 report folder) and ``{plan_dir}`` (the folder holding the plan file) are substituted, so that one
 notebook can consume another's artifacts (e.g. ``{run_dir}/02_train/checkpoint.pt``).
+
+With ``jobs`` > 1 independent notebooks run side by side. A notebook starts only after the
+notebooks named in its ``after`` list and those whose folder its parameters mention
+(``{run_dir}/<name>``); both must come earlier in the plan, so the order is always valid.
 """
 from __future__ import annotations
 
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +39,8 @@ from ..errors import ConfigError
 __all__ = ["NotebookSpec", "Plan", "load_plan", "DEFAULT_KERNEL"]
 
 DEFAULT_KERNEL = "thsrn"
-_PLAN_KEYS = {"name", "output_dir", "defaults", "hide_code", "notebooks", "kernel"}
-_NB_KEYS = {"path", "name", "parameters", "timeout"}
+_PLAN_KEYS = {"name", "output_dir", "defaults", "hide_code", "notebooks", "kernel", "jobs"}
+_NB_KEYS = {"path", "name", "parameters", "timeout", "after"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Parameters the runner sets itself; a plan may not set them.
 RESERVED_PARAMETERS = frozenset({"output_dir"})
@@ -47,6 +54,7 @@ class NotebookSpec:
     name: str
     parameters: dict[str, Any] = field(default_factory=dict)
     timeout: float | None = None
+    after: tuple[str, ...] = ()  # names of earlier notebooks that must finish before this one starts
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class Plan:
     hide_code: bool = False
     kernel: str = DEFAULT_KERNEL
     source: Path | None = None  # the plan file, if the plan came from one
+    jobs: int = 1  # notebooks executed at the same time
 
 
 def _check_keys(d: Mapping, allowed: set[str], where: str) -> None:
@@ -78,6 +87,23 @@ def _substitute(value: Any, tokens: Mapping[str, str]) -> Any:
     return value
 
 
+_RUN_DIR_REF = re.compile(r"\{run_dir\}[/\\]([A-Za-z0-9][A-Za-z0-9_.-]*)")
+
+
+def _run_dir_names(value: Any) -> set[str]:
+    """Folder names ``X`` of every ``{run_dir}/X`` in the (nested) strings of ``value``."""
+    if isinstance(value, str):
+        return set(_RUN_DIR_REF.findall(value))
+    items = value if isinstance(value, list) else value.values() if isinstance(value, dict) else ()
+    return set().union(*(_run_dir_names(v) for v in items))
+
+
+def _check_jobs(jobs: Any, where: str) -> int:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"{where}: 'jobs' must be a whole number >= 1 (notebooks run at the same time), got {jobs!r}")
+    return jobs
+
+
 def _resolve(path: str | os.PathLike, base: Path) -> Path:
     p = Path(os.path.expanduser(os.fspath(path)))
     return (p if p.is_absolute() else base / p).resolve()
@@ -89,11 +115,13 @@ def load_plan(
     hide_code: bool | None = None,
     only: list[str] | tuple[str, ...] | None = None,
     extra_parameters: Mapping[str, Any] | None = None,
+    jobs: int | None = None,
 ) -> Plan:
     """Read and check a plan (a YAML path or a dict); CLI-style overrides win over the file.
 
     ``only`` keeps the named notebooks (by name or file stem), in plan order;
     ``extra_parameters`` are added to every notebook (after the plan's defaults and its own).
+    Dependencies on notebooks left out by ``only`` are dropped (their earlier output is used).
     Raises :class:`ConfigError` for any malformed entry, naming the plan file.
     """
     source: Path | None = None
@@ -134,6 +162,9 @@ def load_plan(
     if not isinstance(kernel, str) or not kernel:
         raise ConfigError(f"{where}: 'kernel' must be a kernel name such as {DEFAULT_KERNEL!r}")
 
+    n_jobs = _check_jobs(raw.get("jobs", 1) if jobs is None else jobs,
+                         where if jobs is None else "--jobs")
+
     entries = raw.get("notebooks")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{where}: 'notebooks' must be a non-empty list of {{path, parameters}} entries")
@@ -155,11 +186,22 @@ def load_plan(
             raise ConfigError(f"{ewhere}: 'name' must be a simple name usable as a folder, got {nb_name!r}")
         if nb_name in seen:
             raise ConfigError(f"{ewhere}: duplicate notebook name {nb_name!r}; give one entry a distinct 'name'")
-        seen.add(nb_name)
         params = entry.get("parameters") or {}
         if not isinstance(params, Mapping):
             raise ConfigError(f"{ewhere}: 'parameters' must be a mapping")
         merged = {**defaults, **params, **(extra_parameters or {})}
+        after = entry.get("after") or []
+        if isinstance(after, str):
+            after = [after]
+        if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
+            raise ConfigError(f"{ewhere}: 'after' must be a list of notebook names")
+        later = [a for a in after if a not in seen]
+        if later:
+            raise ConfigError(f"{ewhere}: 'after' names {later}, which are not earlier notebooks of the plan "
+                              f"(earlier: {sorted(seen)}); a notebook can only wait for one listed before it")
+        # Reading another notebook's folder ({run_dir}/<name>) makes it a dependency too.
+        implied = sorted(_run_dir_names(merged) & seen)
+        seen.add(nb_name)
         reserved = sorted(RESERVED_PARAMETERS & set(merged))
         if reserved:
             raise ConfigError(f"{ewhere}: parameter(s) {reserved} are set by the runner (each notebook writes to "
@@ -168,7 +210,8 @@ def load_plan(
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ConfigError(f"{ewhere}: 'timeout' must be a positive number of seconds, got {timeout!r}")
         specs.append(NotebookSpec(path=path, name=nb_name, parameters=_substitute(merged, tokens),
-                                  timeout=None if timeout is None else float(timeout)))
+                                  timeout=None if timeout is None else float(timeout),
+                                  after=tuple(dict.fromkeys([*after, *implied]))))
 
     if only:
         wanted = list(dict.fromkeys(only))
@@ -177,5 +220,8 @@ def load_plan(
         if missing:
             raise ConfigError(f"{where}: --only names {missing} are not in the plan; available: {[s.name for s in specs]}")
         specs = [s for s in specs if s.name in wanted or s.path.stem in wanted]
+        kept = {s.name for s in specs}
+        specs = [replace(s, after=tuple(a for a in s.after if a in kept)) for s in specs]
 
-    return Plan(name=name, output_dir=out_path, notebooks=tuple(specs), hide_code=hide, kernel=kernel, source=source)
+    return Plan(name=name, output_dir=out_path, notebooks=tuple(specs), hide_code=hide, kernel=kernel, source=source,
+                jobs=n_jobs)
