@@ -45,9 +45,12 @@ def bench_model(
     reference: bool,
     repeat: int,
     ref_image_block: int = 100,
+    tile: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     model = create(name, **PAPER).eval()
+    if tile is not None:  # fast-path tile override (images, captions); default: the model's own choice
+        model.tile_images, model.tile_captions = tile
     feats, ids, lengths = make_inputs(n_images, n_captions)
     img = model.encode_images(feats)
     txt = model.encode_texts(ids, lengths)
@@ -76,6 +79,7 @@ def bench_model(
         "flops_per_pair": FLOPS[name](n=mean_len),
         "image_block": image_block,
         "caption_block": caption_block,
+        "tile": list(tile) if tile else None,
     }
     row["gflops"] = row["flops_per_pair"] * row["pairs_per_s"] / 1e9
     if reference:
@@ -111,7 +115,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="torch threads for every timing incl. the peak (1: on a shared, oversubscribed machine "
                         "multi-threaded kernels stall at their barriers; 0 = torch's default)")
     p.add_argument("--models", nargs="+", default=["sgr", "saf", "tshsr"])
+    p.add_argument("--tile", default=None, metavar="IxC",
+                   help="fast-path tile, images x captions (e.g. 16x32; default: each model's own choice)")
     args = p.parse_args(argv)
+    tile = None
+    if args.tile:
+        try:
+            tile = tuple(int(x) for x in args.tile.lower().split("x"))
+            assert len(tile) == 2 and min(tile) > 0
+        except (ValueError, AssertionError):
+            p.error(f"--tile expects IMAGESxCAPTIONS such as 16x32, got {args.tile!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -122,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.models:
         row = bench_model(
             name, args.images, args.captions, args.image_block, args.caption_block,
-            reference=name in ("sgr", "saf"), repeat=args.repeat, ref_image_block=args.ref_image_block,
+            reference=name in ("sgr", "saf"), repeat=args.repeat, ref_image_block=args.ref_image_block, tile=tile,
         )
         if name == "sgr":
             ref_sgr = row["ref_pairs_per_s"]
