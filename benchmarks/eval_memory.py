@@ -93,7 +93,7 @@ def child(root: str, image_shard: int, caption_shard: int, blocks: int) -> dict[
         if n_cols >= blocks * caption_shard:
             break
     t1 = time.perf_counter()
-    score_matrix(model, select(img, rows), chosen, image_shard, caption_shard, out=out[rows])
+    score_matrix(model, select(img, rows), chosen, image_shard, caption_shard, out=out[rows, :n_cols])
     score_s = time.perf_counter() - t1
     mem["peak_mb"] = peak_rss_mb()
     pairs = image_shard * min(n_cols, blocks * caption_shard)

@@ -19,13 +19,21 @@ import torch
 
 from thsrn_lib.losses import ContrastiveLoss
 from thsrn_lib.models import create
+from thsrn_lib.notebook_utils import model_options
 
 from .common import format_table, save_results, time_call
 
+# The Scenes demo recipes' dimensions (configs/scenes_demo_*.yaml; TSHSR with 2 levels, SGR with 2
+# steps as there) and the papers'. Each size has its recipes' batch.
 SIZES = {
-    "demo": dict(img_dim=256, num_regions=12, embed_size=256, sim_dim=64, word_dim=128, vocab_size=200),
+    "demo": dict(img_dim=256, num_regions=16, embed_size=64, sim_dim=32, word_dim=64, vocab_size=76),
     "paper": dict(img_dim=2048, num_regions=36, embed_size=1024, sim_dim=256, word_dim=300, vocab_size=8481),
 }
+# Paper batch 128 is a GPU setting: a TSHSR step at the papers' sizes then holds > 24 GB of
+# activations, more than a CPU machine like ours has, so on a CPU the paper size uses 32.
+BATCH = {"demo": 32, "paper": 128}
+CPU_PAPER_BATCH = 32
+DEMO_OPTIONS = {"tshsr": {"hsr_levels": 2}, "sgr": {"sgr_step": 2}}
 
 
 def make_batch(size: dict[str, int], b: int, seed: int = 0):
@@ -43,7 +51,8 @@ def make_batch(size: dict[str, int], b: int, seed: int = 0):
 def bench(name: str, size_name: str, batch: int, device: str, amp: str, repeat: int) -> dict[str, Any]:
     size = SIZES[size_name]
     torch.manual_seed(0)
-    model = create(name, **size).to(device).train()
+    options = {**size, **(DEMO_OPTIONS.get(name, {}) if size_name == "demo" else {})}
+    model = create(name, **model_options(name, options)).to(device).train()  # the options the model has
     opt = torch.optim.Adam(model.parameters(), lr=2e-4)
     loss_fn = ContrastiveLoss(0.2)
     feats, ids, lengths = (t.to(device) for t in make_batch(size, batch))
@@ -82,12 +91,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=["tshsr", "sgr", "saf", "shan", "hje"])
     p.add_argument("--sizes", nargs="+", default=["demo", "paper"], choices=sorted(SIZES))
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=None,
+                   help="captions per step (default: 32 demo; paper 128 on CUDA, 32 on a CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"])
     p.add_argument("--repeat", type=int, default=2)
     args = p.parse_args(argv)
-    rows = [bench(m, s, args.batch, args.device, args.amp, args.repeat) for s in args.sizes for m in args.models]
+    def batch_for(size: str) -> int:
+        if args.batch:
+            return args.batch
+        return CPU_PAPER_BATCH if size == "paper" and not args.device.startswith("cuda") else BATCH[size]
+
+    rows = [bench(m, s, batch_for(s), args.device, args.amp, args.repeat) for s in args.sizes for m in args.models]
     print(format_table(rows, [
         ("model", "model", "s"), ("size", "size", "s"), ("batch", "batch", "d"), ("params_m", "params (M)", ".2f"),
         ("step_s", "s/step", ".3f"), ("samples_per_s", "samples/s", ".1f"), ("pairs_per_s", "scored pairs/s", ".0f"),
