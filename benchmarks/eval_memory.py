@@ -92,8 +92,15 @@ def child(root: str, image_shard: int, caption_shard: int, blocks: int) -> dict[
         n_cols += len(s)
         if n_cols >= blocks * caption_shard:
             break
+    # The chosen shards' captions sit anywhere in the 25,000 columns: score them as columns 0..n-1
+    # of a block, then write the block into their columns of the resident matrix.
+    from dataclasses import replace
+
+    starts = np.cumsum([0] + [len(s) for s in chosen])
+    local = [replace(s, position=torch.arange(a, a + len(s))) for s, a in zip(chosen, starts)]
     t1 = time.perf_counter()
-    score_matrix(model, select(img, rows), chosen, image_shard, caption_shard, out=out[rows, :n_cols])
+    block = score_matrix(model, select(img, rows), local, image_shard, caption_shard)
+    out[rows, np.concatenate([s.position.numpy() for s in chosen])] = block
     score_s = time.perf_counter() - t1
     mem["peak_mb"] = peak_rss_mb()
     pairs = image_shard * min(n_cols, blocks * caption_shard)

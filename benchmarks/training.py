@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from thsrn_lib.losses import ContrastiveLoss
 from thsrn_lib.models import create
@@ -23,17 +25,23 @@ from thsrn_lib.notebook_utils import model_options
 
 from .common import format_table, save_results, time_call
 
-# The Scenes demo recipes' dimensions (configs/scenes_demo_*.yaml; TSHSR with 2 levels, SGR with 2
-# steps as there) and the papers'. Each size has its recipes' batch.
+REPO = Path(__file__).resolve().parents[1]
+
+# "demo": each model's Scenes demo recipe (configs/scenes_demo_<model>.yaml: its model_config on
+# the demo data's sizes); "paper": the papers' sizes.
 SIZES = {
-    "demo": dict(img_dim=256, num_regions=16, embed_size=64, sim_dim=32, word_dim=64, vocab_size=76),
+    "demo": dict(img_dim=256, num_regions=16, vocab_size=76),
     "paper": dict(img_dim=2048, num_regions=36, embed_size=1024, sim_dim=256, word_dim=300, vocab_size=8481),
 }
 # Paper batch 128 is a GPU setting: a TSHSR step at the papers' sizes then holds > 24 GB of
 # activations, more than a CPU machine like ours has, so on a CPU the paper size uses 32.
 BATCH = {"demo": 32, "paper": 128}
 CPU_PAPER_BATCH = 32
-DEMO_OPTIONS = {"tshsr": {"hsr_levels": 2}, "sgr": {"sgr_step": 2}}
+
+
+def _recipe_model_config(name: str) -> dict[str, Any]:
+    recipe = REPO / "configs" / f"scenes_demo_{name}.yaml"
+    return dict(yaml.safe_load(recipe.read_text(encoding="utf-8")).get("model_config") or {})
 
 
 def make_batch(size: dict[str, int], b: int, seed: int = 0):
@@ -51,7 +59,7 @@ def make_batch(size: dict[str, int], b: int, seed: int = 0):
 def bench(name: str, size_name: str, batch: int, device: str, amp: str, repeat: int) -> dict[str, Any]:
     size = SIZES[size_name]
     torch.manual_seed(0)
-    options = {**size, **(DEMO_OPTIONS.get(name, {}) if size_name == "demo" else {})}
+    options = {**size, **(_recipe_model_config(name) if size_name == "demo" else {})}
     model = create(name, **model_options(name, options)).to(device).train()  # the options the model has
     opt = torch.optim.Adam(model.parameters(), lr=2e-4)
     loss_fn = ContrastiveLoss(0.2)

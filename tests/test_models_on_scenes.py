@@ -39,7 +39,7 @@ def test_training_loss_falls_on_scenes_tiny(scenes_tiny, name):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     # SGR starts on a plateau (all sigmoid scores ~0.5; see docs/training.md), so its fall over

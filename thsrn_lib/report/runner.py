@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +222,6 @@ def _run_parallel(p: Plan, sources: list, log: Callable[[str], None],
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    index = {spec.name: i for i, spec in enumerate(p.notebooks)}
     pending = list(range(len(p.notebooks)))
     finished: set[str] = set()
     running: dict = {}
@@ -245,7 +244,7 @@ def _run_parallel(p: Plan, sources: list, log: Callable[[str], None],
                     r = NotebookResult(name=spec.name, source=spec.path, status="failed", seconds=0.0,
                                        parameters=spec.parameters, artifacts_dir=p.output_dir / spec.name,
                                        error=f"worker process failed: {type(exc).__name__}: {exc}")
-                done(index[spec.name], r)
+                done(i, r)
 
 
 def _finite(obj: Any) -> Any:
@@ -280,6 +279,7 @@ def run_plan(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     p = load_plan(plan, output_dir=output_dir, hide_code=hide_code, only=only, extra_parameters=extra_parameters,
                   jobs=jobs)
+    p = replace(p, jobs=min(p.jobs, len(p.notebooks)))  # never split the cores for jobs that cannot run
     sources = []
     for spec in p.notebooks:
         nb = read_notebook(spec.path)
@@ -304,7 +304,7 @@ def run_plan(
         atomic_write_json(p.output_dir / "report.json", _finite(result.to_dict()))
         write_index(result, result.index_path)
 
-    if p.jobs > 1 and len(p.notebooks) > 1:
+    if p.jobs > 1:
         _run_parallel(p, sources, log, done)
     else:
         for i, (spec, nb) in enumerate(zip(p.notebooks, sources)):
