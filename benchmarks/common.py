@@ -34,6 +34,19 @@ def time_call(fn: Callable[[], Any], *, repeat: int = 3, warmup: int = 1, min_se
     return best
 
 
+def random_captions(n: int, vocab_size: int, generator: torch.Generator, min_len: int = 8,
+                    max_len: int = 23) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids (n, L)``, ``lengths (n,)``: captions of random words, lengths in [min_len, max_len],
+    laid out like the data loader's (id 1 = <start>, 2 = <end>, 0 = padding)."""
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=generator)
+    ids = torch.randint(4, vocab_size, (n, int(lengths.max())), generator=generator)
+    ids[:, 0] = 1
+    for j, length in enumerate(lengths.tolist()):
+        ids[j, length - 1] = 2
+        ids[j, length:] = 0
+    return ids, lengths
+
+
 def matmul_peak_gflops(n: int = 2048, repeat: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """This machine's achievable fp32 GEMM rate (GFLOP/s) with torch's current thread count."""
     a = torch.randn(n, n, dtype=dtype)

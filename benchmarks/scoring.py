@@ -16,7 +16,7 @@ import torch
 from thsrn_lib.models import create, select
 from thsrn_lib.models.sgraf import reference_similarity
 
-from .common import format_table, matmul_peak_gflops, save_results, time_call
+from .common import format_table, matmul_peak_gflops, random_captions, save_results, time_call
 from .flops import FLOPS
 
 PAPER = dict(img_dim=2048, embed_size=1024, sim_dim=256, num_regions=36, word_dim=300, vocab_size=1000)
@@ -26,12 +26,7 @@ def make_inputs(n_images: int, n_captions: int, min_len: int = 8, max_len: int =
     """Random region features (B, 36, 2048) and captions with lengths in [min_len, max_len]."""
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(n_images, PAPER["num_regions"], PAPER["img_dim"], generator=g).abs()
-    lengths = torch.randint(min_len, max_len + 1, (n_captions,), generator=g)
-    ids = torch.randint(4, PAPER["vocab_size"], (n_captions, int(lengths.max())), generator=g)
-    ids[:, 0] = 1
-    for j, n in enumerate(lengths.tolist()):
-        ids[j, n - 1] = 2
-        ids[j, n:] = 0
+    ids, lengths = random_captions(n_captions, PAPER["vocab_size"], g, min_len, max_len)
     return feats, ids, lengths
 
 

@@ -23,7 +23,7 @@ from thsrn_lib.losses import ContrastiveLoss
 from thsrn_lib.models import create
 from thsrn_lib.notebook_utils import model_options
 
-from .common import format_table, save_results, time_call
+from .common import format_table, random_captions, save_results, time_call
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,12 +47,7 @@ def _recipe_model_config(name: str) -> dict[str, Any]:
 def make_batch(size: dict[str, int], b: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(b, size["num_regions"], size["img_dim"], generator=g).abs()
-    lengths = torch.randint(8, 24, (b,), generator=g)
-    ids = torch.randint(4, size["vocab_size"], (b, int(lengths.max())), generator=g)
-    ids[:, 0] = 1
-    for j, n in enumerate(lengths.tolist()):
-        ids[j, n - 1] = 2
-        ids[j, n:] = 0
+    ids, lengths = random_captions(b, size["vocab_size"], g)
     return feats, ids, lengths
 
 

@@ -39,6 +39,7 @@ from .similarity import (
     PackedWords,
     SGRStep,
     attended_context,
+    fast_path_allowed,
     fast_tile,
     global_similarity,
     length_groups,
@@ -285,12 +286,7 @@ class SGRAF(MatchingModel):
         return 128, 1024
 
     def _use_fast_path(self, img_emb: Embeddings, txt_emb: Embeddings) -> bool:
-        tensors = (img_emb["regions"], img_emb["global"], txt_emb["words"], txt_emb["global"])
-        return (
-            self.use_fast_path
-            and not self.training
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *self.parameters())))
-        )
+        return fast_path_allowed(self, img_emb, txt_emb)
 
     def _length_groups(self, lens: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Caption order sorted by length and its split into groups (one group when that is as cheap)."""

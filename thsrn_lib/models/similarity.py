@@ -40,6 +40,7 @@ __all__ = [
     "GATE_NORMS",
     "length_groups",
     "fast_tile",
+    "fast_path_allowed",
     "PackedWords",
     "packed_cross_logits",
     "packed_t2i_attention",
@@ -77,6 +78,18 @@ def fast_tile(base: tuple[int, int], dim: int,
     """
     f = 1 if dim >= 512 else 2
     return override[0] or base[0] * f, override[1] or base[1] * f
+
+
+def fast_path_allowed(model: nn.Module, img_emb: dict[str, Tensor], txt_emb: dict[str, Tensor]) -> bool:
+    """Whether ``model``'s inference-only fast path may score this block: enabled
+    (``model.use_fast_path``), eval mode, and no autograd graph to build (the fast path writes
+    its outputs in place)."""
+    tensors = (img_emb["regions"], img_emb["global"], txt_emb["words"], txt_emb["global"])
+    return (
+        model.use_fast_path
+        and not model.training
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *model.parameters())))
+    )
 
 
 def cross_logits(regions: Tensor, words: Tensor) -> Tensor:

@@ -43,6 +43,7 @@ from .similarity import (
     SGRStep,
     attended_context,
     cross_logits,
+    fast_path_allowed,
     fast_tile,
     global_similarity,
     i2t_attention,
@@ -709,12 +710,7 @@ class TSHSR(MatchingModel):
         return 128, 1024
 
     def _use_fast_path(self, img_emb: Embeddings, txt_emb: Embeddings) -> bool:
-        tensors = (img_emb["regions"], img_emb["global"], txt_emb["words"], txt_emb["global"])
-        return (
-            self.use_fast_path
-            and not self.training
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *self.parameters())))
-        )
+        return fast_path_allowed(self, img_emb, txt_emb)
 
     def _fast_score_parts(self, img_emb: Embeddings, txt_emb: Embeddings) -> tuple[Tensor, dict[str, Tensor]]:
         """Inference: length-sorted caption tiles x image tiles, packed local nodes, outputs written in place."""
