@@ -55,6 +55,24 @@ def matmul_peak_gflops(n: int = 2048, repeat: int = 5, dtype: torch.dtype = torc
     return 2.0 * n**3 / seconds / 1e9
 
 
+def peak_tensor_mb(fn: Callable[[], Any]) -> float:
+    """Peak MiB of tensor memory allocated while ``fn()`` runs, above what was live before it.
+
+    Read from the torch profiler's allocation records (every tensor allocation and free, in time
+    order), so it measures the code's own working memory independently of what the C allocator
+    keeps cached; allocations and frees inside one kernel are not seen separately.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -287,6 +287,11 @@ def test_sgr_step_folded_equals_literal_two_projection_form():
         got_nodes, got_edges = step(nodes, key_mask, num_queries=n_q)
         torch.testing.assert_close(got_edges, ref_edges, atol=1e-6, rtol=0)
         torch.testing.assert_close(got_nodes, ref_nodes, atol=1e-5, rtol=1e-5)
+        # inference skips the per-query logit constant (it cancels in the softmax) and works in place
+        with torch.no_grad():
+            inf_nodes, inf_edges = step(nodes, key_mask, num_queries=n_q)
+        torch.testing.assert_close(inf_edges, ref_edges, atol=1e-6, rtol=0)
+        torch.testing.assert_close(inf_nodes, ref_nodes, atol=1e-5, rtol=1e-5)
     # the no-grad cache is refreshed when a parameter changes in place
     with torch.no_grad():
         before = step(nodes, key_mask)[0]
@@ -325,7 +330,10 @@ def test_gated_pooling_condition_and_no_norm_match_the_literal_formula():
         GatedPooling(S, norm="layer")
 
 
-def test_packed_fast_path_equals_plain_formulas():
+@pytest.mark.parametrize("chunk", ["auto", None, 3])
+def test_packed_fast_path_equals_plain_formulas(chunk):
+    """``chunk``: the CPU's cache-sized row chunks (auto), the whole tile at once (the accelerator
+    path), and a chunk of 3 rows that splits images and captions mid-way (remainders)."""
     from thsrn_lib.models.similarity import (
         PackedWords,
         packed_cross_logits,
@@ -349,14 +357,14 @@ def test_packed_fast_path_equals_plain_formulas():
         torch.testing.assert_close(t2i.transpose(1, 2), ref_t2i[:, mask], atol=1e-6, rtol=0)
         torch.testing.assert_close(i2t, ref_i2t.permute(0, 2, 1, 3)[:, :, mask], atol=1e-6, rtol=0)
         # the fused normalise-subtract-square pass equals the plain formula (t2i), per valid word
-        local = packed.unpack(packed_t2i_similarity(t2i, regions, packed, proj))  # (B, N, L, S)
+        local = packed.unpack(packed_t2i_similarity(t2i, regions, packed, proj, chunk))  # (B, N, L, S)
         ref_local = similarity_vectors(attended_context(ref_t2i, regions, "t2i"), words, proj, "t2i")
         torch.testing.assert_close(local[:, mask], ref_local[:, mask], atol=1e-5, rtol=0)
         assert torch.equal(local[:, ~mask], torch.zeros_like(local[:, ~mask]))  # padded rows are zero
-        local_i2t = packed_i2t_similarity(i2t, regions, packed, proj)  # (B, N, R, S)
+        local_i2t = packed_i2t_similarity(i2t, regions, packed, proj, chunk)  # (B, N, R, S)
         ref_i2t_local = similarity_vectors(attended_context(ref_i2t, words, "i2t"), regions, proj, "i2t")
         torch.testing.assert_close(local_i2t, ref_i2t_local, atol=1e-5, rtol=0)
-        nodes = packed.unpack(packed_t2i_similarity(t2i, regions, packed, proj), lead=1)
+        nodes = packed.unpack(packed_t2i_similarity(t2i, regions, packed, proj, chunk), lead=1)
         torch.testing.assert_close(nodes[:, :, 1:], local)
         assert torch.equal(nodes[:, :, 0], torch.zeros(B, N, S))
     with pytest.raises(RuntimeError, match="inference-only"):

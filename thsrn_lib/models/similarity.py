@@ -47,6 +47,9 @@ __all__ = [
     "packed_i2t_attention",
     "packed_t2i_similarity",
     "packed_i2t_similarity",
+    "rows_per_pass",
+    "CPU_ROWS_PER_PASS",
+    "CHUNK_MIN_DIM",
 ]
 
 Stream = Literal["t2i", "i2t"]
@@ -283,10 +286,14 @@ class SGRStep(nn.Module):
         literal form. The per-query constant ``w_c . x_i + b_c`` cancels in the softmax but is kept,
         so the logits equal ``Q K^T`` and ``graph_key_w.bias`` stays in the graph as officially.
         """
-        queries = nodes if num_queries is None else nodes[..., :num_queries, :]
+        # A sliced query block is strided: made contiguous, F.linear runs as one 2-D GEMM instead
+        # of a batched matrix-vector product per graph (8x slower for the 1-query readout).
+        queries = nodes if num_queries is None else nodes[..., :num_queries, :].contiguous()
         w_f, b_f, w_c, b_c = self.folded_weights()
         logits = torch.matmul(F.linear(queries, w_f, b_f), nodes.transpose(-1, -2))  # (..., Q, P)
-        logits = logits + F.linear(queries, w_c, b_c)  # (..., Q, 1) per-query constant
+        if _tracks_grad(nodes, w_f):
+            logits = logits + F.linear(queries, w_c, b_c)  # (..., Q, 1) per-query constant
+        # Without autograd the constant is skipped: it shifts each softmax row and cancels exactly.
         return self._aggregate(logits, nodes, key_mask)
 
     def reference_forward(
@@ -298,10 +305,13 @@ class SGRStep(nn.Module):
         return self._aggregate(logits, nodes, key_mask)
 
     def _aggregate(self, logits: Tensor, nodes: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        grad = _tracks_grad(logits, nodes, self.sim_graph_w.weight)
         if key_mask is not None:
-            logits = logits.masked_fill(~key_mask.unsqueeze(-2), float("-inf"))
+            fill = logits.masked_fill if grad else logits.masked_fill_  # fresh tensor: in place is safe
+            logits = fill(~key_mask.unsqueeze(-2), float("-inf"))
         edges = torch.softmax(logits, dim=-1)
-        return torch.relu(self.sim_graph_w(torch.matmul(edges, nodes))), edges
+        out = self.sim_graph_w(torch.matmul(edges, nodes))
+        return (torch.relu(out) if grad else out.relu_()), edges
 
 
 def caption_batchnorm(logits: Tensor, mask: Tensor, bn: nn.BatchNorm1d, stats: str = "per_caption") -> Tensor:
@@ -550,11 +560,11 @@ def packed_i2t_attention(logits: Tensor, packed: PackedWords, smooth: float) -> 
     return x.div_(_segment_sum(x, packed).index_select(-1, packed.caption))
 
 
-def _l2n_sub_square_(ctx: Tensor, query: Tensor) -> Tensor:
-    """``(l2n(ctx) - query)^2`` in place on ``ctx``: a norm pass, then one fused multiply-subtract
-    pass and one square pass (the plain formula takes five passes and two temporaries)."""
+def _l2n_sub_square_(ctx: Tensor, neg_query: Tensor) -> Tensor:
+    """``(l2n(ctx) - query)^2`` in place on ``ctx``, given ``-query``: a norm pass, then one fused
+    multiply-add pass and one square pass (the plain formula takes five passes and two temporaries)."""
     inv = torch.linalg.vector_norm(ctx, dim=-1, keepdim=True).add_(_EPS).reciprocal_()
-    torch.addcmul(query.neg(), ctx, inv, out=ctx)  # ctx * inv - query
+    torch.addcmul(neg_query, ctx, inv, out=ctx)  # ctx * inv - query
     return ctx.square_()
 
 
@@ -564,31 +574,95 @@ def _project_l2n(diff2: Tensor, proj: nn.Linear) -> Tensor:
     return y.div_(torch.linalg.vector_norm(y, dim=-1, keepdim=True).add_(_EPS))
 
 
-def packed_t2i_similarity(attn: Tensor, regions: Tensor, packed: PackedWords, proj: nn.Linear) -> Tensor:
+def _local_rows_(ctx: Tensor, neg_query: Tensor, proj: nn.Linear, out: Tensor) -> None:
+    """``out <- l2n(proj((l2n(ctx) - query)^2))`` for a chunk of rows: ``ctx (M, D)`` (scratch,
+    overwritten), ``neg_query (M, D)`` = ``-query``, ``out (M, S)`` contiguous."""
+    _l2n_sub_square_(ctx, neg_query)
+    torch.addmm(proj.bias, ctx, proj.weight.t(), out=out)
+    out.div_(torch.linalg.vector_norm(out, dim=-1, keepdim=True).add_(_EPS))
+
+
+#: Rows of D-sized work per pass on a CPU (:func:`rows_per_pass`). At D = 1024 a chunk is 2 MiB:
+#: its context, the normalise-subtract-square passes and the projection's input stay in cache
+#: instead of streaming a tile-sized (B, T, D) tensor through memory three times (1.15x on the
+#: context-to-local-vector part at the papers' sizes, ``benchmarks/README.md``).
+CPU_ROWS_PER_PASS = 512
+#: Below this embedding size a whole tile fits in cache and the per-chunk op dispatch costs more
+#: than it saves (1.3-1.8x slower at the Scenes demo's D = 64).
+CHUNK_MIN_DIM = 512
+
+
+def rows_per_pass(device: torch.device, dim: int) -> int | None:
+    """Row chunk of the packed similarity functions for embeddings of size ``dim``:
+    :data:`CPU_ROWS_PER_PASS` on a CPU in full precision at ``dim >= CHUNK_MIN_DIM``; otherwise
+    None (the whole tile in a few large kernels: small embeddings, accelerators, where fewer
+    launches win, and autocast, which does not cover the chunked path's ``out=`` writes)."""
+    if device.type != "cpu" or dim < CHUNK_MIN_DIM or torch.is_autocast_enabled(device.type):
+        return None
+    return CPU_ROWS_PER_PASS
+
+
+def packed_t2i_similarity(
+    attn: Tensor, regions: Tensor, packed: PackedWords, proj: nn.Linear, chunk: int | None | str = "auto"
+) -> Tensor:
     """Word-centred local similarity vectors of packed words: ``attn (B, R, T)`` -> ``(B, T, S)``.
 
     Equals :func:`attended_context` + :func:`similarity_vectors` (``stream="t2i"``) on the valid words.
+    ``chunk``: rows per pass (``"auto"``: :func:`rows_per_pass`; None: the whole tile at once).
+    With a chunk, each image's words are streamed in chunks of that many rows through one small
+    GEMM for the context, the fused element-wise pass and the projection, all in cache.
     """
     _no_grad_only(attn, regions, packed.words)
-    ctx = torch.bmm(attn.transpose(1, 2), regions)  # (B, T, D)
-    return _project_l2n(_l2n_sub_square_(ctx, packed.words), proj)
+    chunk = rows_per_pass(attn.device, regions.shape[-1]) if chunk == "auto" else chunk
+    neg_words = packed.words.neg()
+    if chunk is None:
+        ctx = torch.bmm(attn.transpose(1, 2), regions)  # (B, T, D)
+        return _project_l2n(_l2n_sub_square_(ctx, neg_words), proj)
+    b, _, t = attn.shape
+    out = attn.new_empty(b, t, proj.out_features)
+    buf = attn.new_empty(min(t, chunk), regions.shape[-1])
+    for i in range(b):
+        for t0 in range(0, t, chunk):
+            t1 = min(t, t0 + chunk)
+            ctx = torch.mm(attn[i, :, t0:t1].t(), regions[i], out=buf[: t1 - t0])  # (m, D)
+            _local_rows_(ctx, neg_words[t0:t1], proj, out[i, t0:t1])
+    return out
 
 
-def packed_i2t_similarity(attn: Tensor, regions: Tensor, packed: PackedWords, proj: nn.Linear) -> Tensor:
+def packed_i2t_similarity(
+    attn: Tensor, regions: Tensor, packed: PackedWords, proj: nn.Linear, chunk: int | None | str = "auto"
+) -> Tensor:
     """Region-centred local similarity vectors: ``attn (B, R, T)`` -> ``(B, N, R, S)``.
 
-    Each (image, caption, region) context is a weighted sum of that caption's words: one bmm per
-    caption over its padded word slots, caption-first ``(N, B R, L) @ (N, L, D)``, so the region
-    query ``(B, R, D)`` broadcasts over captions without a copy. Equals :func:`attended_context` +
+    Each (image, caption, region) context is a weighted sum of that caption's words. The work is
+    caption-first, ``(N, B R, D)``, so the region query ``(B, R, D)`` broadcasts over captions
+    without a copy. ``chunk`` as in :func:`packed_t2i_similarity`: with a chunk, one caption at a
+    time (its packed words directly, no padding) in chunks of at most that many ``(b, r)`` rows;
+    None: one padded bmm over all captions. Equals :func:`attended_context` +
     :func:`similarity_vectors` (``stream="i2t"``).
     """
     _no_grad_only(attn, regions, packed.words)
+    chunk = rows_per_pass(attn.device, regions.shape[-1]) if chunk == "auto" else chunk
     b, r, t = attn.shape
     n, length, d = packed.num_captions, packed.length, packed.words.shape[1]
-    weights = attn.new_zeros(b * r, n * length)
-    weights.index_copy_(1, packed.position, attn.reshape(b * r, t))
-    weights = weights.view(b * r, n, length).transpose(0, 1)  # (N, B R, L)
-    words = packed.words.new_zeros(n * length, d).index_copy_(0, packed.position, packed.words)
-    ctx = torch.bmm(weights, words.view(n, length, d)).view(n, b, r, d)  # (N, B, R, D)
-    local = _project_l2n(_l2n_sub_square_(ctx, regions), proj)  # (N, B, R, S)
-    return local.transpose(0, 1)
+    neg_regions = regions.reshape(b * r, d).neg()
+    if chunk is None:
+        weights = attn.new_zeros(b * r, n * length)
+        weights.index_copy_(1, packed.position, attn.reshape(b * r, t))
+        weights = weights.view(b * r, n, length).transpose(0, 1)  # (N, B R, L)
+        words = packed.words.new_zeros(n * length, d).index_copy_(0, packed.position, packed.words)
+        ctx = torch.bmm(weights, words.view(n, length, d)).view(n, b, r, d)  # (N, B, R, D)
+        local = _project_l2n(_l2n_sub_square_(ctx, neg_regions.view(b, r, d)), proj)  # (N, B, R, S)
+        return local.transpose(0, 1)
+    out = attn.new_empty(n, b * r, proj.out_features)
+    buf = attn.new_empty(min(b * r, chunk), d)
+    weights = attn.view(b * r, t)
+    ends = torch.bincount(packed.caption, minlength=n).cumsum(0).tolist()  # one host sync per tile
+    start = 0
+    for j, end in enumerate(ends):
+        for r0 in range(0, b * r, chunk):
+            r1 = min(b * r, r0 + chunk)
+            ctx = torch.mm(weights[r0:r1, start:end], packed.words[start:end], out=buf[: r1 - r0])  # (m, D)
+            _local_rows_(ctx, neg_regions[r0:r1], proj, out[j, r0:r1])
+        start = end
+    return out.view(n, b, r, -1).transpose(0, 1)
