@@ -1,12 +1,14 @@
 """Timing, memory and hardware-peak helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import resource
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,22 @@ def matmul_peak_gflops(n: int = 2048, repeat: int = 5, dtype: torch.dtype = torc
     return 2.0 * n**3 / seconds / 1e9
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null inside the block: the profiler's native layer logs a
+    start and a stop line per use, which would bury the benchmark tables. Python exceptions
+    still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_tensor_mb(fn: Callable[[], Any]) -> float:
     """Peak MiB of tensor memory allocated while ``fn()`` runs, above what was live before it.
 
@@ -64,7 +82,7 @@ def peak_tensor_mb(fn: Callable[[], Any]) -> float:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):

@@ -76,3 +76,15 @@ def test_two_stage_benchmark_names_the_missing_checkpoint(tmp_path):
 
     with pytest.raises(ConfigError, match="make demo"):
         two_stage.main(["--rerank", str(tmp_path / "nope"), "--data", str(tmp_path)])
+
+
+def test_peak_tensor_memory_counts_live_tensors_not_freed_ones():
+    from benchmarks.common import peak_tensor_mb
+
+    def two_live_then_freed():
+        a = torch.ones(1024, 1024)  # 4 MiB
+        b = a + 1  # 4 MiB more while a is alive
+        del a, b
+        torch.zeros(256, 1024)  # 1 MiB after both were freed: no new peak
+
+    assert peak_tensor_mb(two_live_then_freed) == pytest.approx(8.0, abs=0.1)

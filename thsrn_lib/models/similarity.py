@@ -476,8 +476,10 @@ def length_groups(
 # D -> S local projection (~80% of the FLOPs). The functions below keep the words of a caption
 # block *packed* (T = sum of lengths rows, no padding), turn the per-caption normalisations into
 # segment reductions over the packed axis, and do the D-sized element-wise work in place in as few
-# passes as possible. They are inference-only (in-place ops): callers use them when no gradient is
-# tracked, and the plain functions above otherwise. Tests prove both give the same numbers.
+# passes as possible. On a CPU at large D that work runs in cache-sized row chunks (one image's
+# words, or one caption's (image, region) rows, at a time; see rows_per_pass). They are
+# inference-only (in-place ops): callers use them when no gradient is tracked, and the plain
+# functions above otherwise. Tests prove both give the same numbers.
 @dataclass
 class PackedWords:
     """The valid words of a caption block, packed.
@@ -656,7 +658,7 @@ def packed_i2t_similarity(
         return local.transpose(0, 1)
     out = attn.new_empty(n, b * r, proj.out_features)
     buf = attn.new_empty(min(b * r, chunk), d)
-    weights = attn.view(b * r, t)
+    weights = attn.reshape(b * r, t)
     ends = torch.bincount(packed.caption, minlength=n).cumsum(0).tolist()  # one host sync per tile
     start = 0
     for j, end in enumerate(ends):
