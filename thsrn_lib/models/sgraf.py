@@ -451,7 +451,8 @@ def reference_similarity(model: SGRAF, regions: Tensor, words_all: Tensor, lengt
     """The similarity part of :func:`reference_scores`, from encoded regions ``(B, R, D)`` and words ``(N, L, D)``.
 
     This is how the official evaluation scores a shard (encoders run once, then the similarity
-    encoder loops over captions); the benchmarks time it as the "lean per-caption" baseline (``benchmarks/baselines.py`` has the official-style one).
+    encoder loops over captions); the benchmarks time it as the "lean per-caption" baseline
+    (``benchmarks/baselines.py`` has the official-style one).
     """
     sim, cfg = model.sim_enc, model.config
     b = regions.shape[0]
