@@ -586,8 +586,8 @@ def _local_rows_(ctx: Tensor, neg_query: Tensor, proj: nn.Linear, out: Tensor) -
 
 #: Rows of D-sized work per pass on a CPU (:func:`rows_per_pass`). At D = 1024 a chunk is 2 MiB:
 #: its context, the normalise-subtract-square passes and the projection's input stay in cache
-#: instead of streaming a tile-sized (B, T, D) tensor through memory three times (1.15x on the
-#: context-to-local-vector part at the papers' sizes, ``benchmarks/README.md``).
+#: instead of streaming a tile-sized (B, T, D) tensor through memory three times (1.18x on the
+#: context-to-local-vector part for one 8 x 480-word tile at the papers' sizes).
 CPU_ROWS_PER_PASS = 512
 #: Below this embedding size a whole tile fits in cache and the per-chunk op dispatch costs more
 #: than it saves (1.3-1.8x slower at the Scenes demo's D = 64).
@@ -605,7 +605,7 @@ def rows_per_pass(device: torch.device, dim: int) -> int | None:
 
 
 def packed_t2i_similarity(
-    attn: Tensor, regions: Tensor, packed: PackedWords, proj: nn.Linear, chunk: int | None | str = "auto"
+    attn: Tensor, regions: Tensor, packed: PackedWords, proj: nn.Linear, chunk: int | Literal["auto"] | None = "auto"
 ) -> Tensor:
     """Word-centred local similarity vectors of packed words: ``attn (B, R, T)`` -> ``(B, T, S)``.
 
@@ -632,7 +632,7 @@ def packed_t2i_similarity(
 
 
 def packed_i2t_similarity(
-    attn: Tensor, regions: Tensor, packed: PackedWords, proj: nn.Linear, chunk: int | None | str = "auto"
+    attn: Tensor, regions: Tensor, packed: PackedWords, proj: nn.Linear, chunk: int | Literal["auto"] | None = "auto"
 ) -> Tensor:
     """Region-centred local similarity vectors: ``attn (B, R, T)`` -> ``(B, N, R, S)``.
 
