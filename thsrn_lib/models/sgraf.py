@@ -272,7 +272,8 @@ class SGRAF(MatchingModel):
     #: Fast-path tile: images x captions scored together (chosen with ``benchmarks/scoring.py --tile``;
     #: see :meth:`preferred_block`). The captions of a block are length-sorted before tiling.
     #: None: :func:`~thsrn_lib.models.similarity.fast_tile` of 4 x 32 for the embedding size
-    #: (4 x 32 beat 8 x 32 by 4-18 % in four sweeps at the papers' sizes, ``benchmarks/README.md``).
+    #: (at the papers' sizes 4 x 32 was 4-18 % faster than 8 x 32 in three of six sweeps and
+    #: within 3 % either way in the others, ``benchmarks/README.md``).
     tile_images: int | None = None
     tile_captions: int | None = None
     #: Set False to force the plain vectorised path (tests compare the two).
