@@ -423,7 +423,7 @@ class GatedPooling(nn.Module):
             mask: ``(N, P)`` bool, True = valid node; None = every node valid.
             condition: optional ``(B, N, S)`` vector multiplied into the nodes for the gate logits
                 only (the pooled values stay the raw nodes). The logit is computed as
-                ``x . (w * g)`` (a multiply-reduce over S).
+                ``x . (w * g)``, so no ``(B, N, P, S)`` product is kept for autograd.
 
         Returns:
             ``pooled (B, N, S)`` and ``beta (B, N, P)`` (0 at padded nodes, sums to 1 over valid ones
@@ -433,9 +433,14 @@ class GatedPooling(nn.Module):
             e = self.attn_sim_w(nodes).squeeze(-1)  # (B, N, P)
         else:
             u = condition * self.attn_sim_w.weight[0]  # (B, N, S)
-            # A multiply-reduce over S: 5x faster than a matrix-vector product per graph (bmm) at
-            # the papers' sizes.
-            e = torch.linalg.vecdot(nodes, u.unsqueeze(-2)) + self.attn_sim_w.bias
+            if _tracks_grad(nodes, u):
+                e = torch.matmul(nodes, u.unsqueeze(-1)).squeeze(-1) + self.attn_sim_w.bias
+            else:
+                # Inference: a multiply-reduce over S, 5x faster than a matrix-vector product per
+                # graph (bmm) at the papers' sizes. Training keeps the bmm: its rounding is what
+                # the recorded demo results were trained with (a rounding-level change moved the
+                # demo TSHSR's test rsum by 16, see docs/training.md).
+                e = torch.linalg.vecdot(nodes, u.unsqueeze(-2)) + self.attn_sim_w.bias
         if self.bn is not None:
             bn_mask = mask if mask is not None else e.new_ones(e.shape[1:], dtype=torch.bool)
             e = caption_batchnorm(e, bn_mask, self.bn, self.bn_stats)
