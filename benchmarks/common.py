@@ -36,6 +36,17 @@ def time_call(fn: Callable[[], Any], *, repeat: int = 3, warmup: int = 1, min_se
     return best
 
 
+def time_round_robin(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Best wall time (s) of each function over ``rounds`` rounds, the functions interleaved."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
 def random_captions(n: int, vocab_size: int, generator: torch.Generator, min_len: int = 8,
                     max_len: int = 23) -> tuple[torch.Tensor, torch.Tensor]:
     """``ids (n, L)``, ``lengths (n,)``: captions of random words, lengths in [min_len, max_len],

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +25,10 @@ import torch
 
 from thsrn_lib.models import create, select
 from thsrn_lib.models.sgraf import reference_similarity
+from thsrn_lib.utils.argtypes import non_negative_int, positive_int
 
 from .baselines import official_style_similarity
-from .common import format_table, matmul_peak_gflops, peak_tensor_mb, random_captions, save_results
+from .common import format_table, matmul_peak_gflops, peak_tensor_mb, random_captions, save_results, time_round_robin
 from .flops import FLOPS
 
 PAPER = dict(img_dim=2048, embed_size=1024, sim_dim=256, num_regions=36, word_dim=300, vocab_size=1000)
@@ -40,17 +40,6 @@ def make_inputs(n_images: int, n_captions: int, min_len: int = 8, max_len: int =
     feats = torch.randn(n_images, PAPER["num_regions"], PAPER["img_dim"], generator=g).abs()
     ids, lengths = random_captions(n_captions, PAPER["vocab_size"], g, min_len, max_len)
     return feats, ids, lengths
-
-
-def time_round_robin(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Best wall time (s) of each function over ``rounds`` rounds, the functions interleaved."""
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
 
 
 @torch.inference_mode()
@@ -140,14 +129,14 @@ def bench_model(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--images", type=int, default=100)
-    p.add_argument("--captions", type=int, default=256,
+    p.add_argument("--images", type=positive_int, default=100)
+    p.add_argument("--captions", type=positive_int, default=256,
                    help="captions (256: the fast path's length-sorted tiles are as uniform as in a full evaluation)")
-    p.add_argument("--image-block", type=int, default=None, help="fast path images per score call (model's preferred_block)")
-    p.add_argument("--caption-block", type=int, default=None, help="fast path captions per score call (preferred_block)")
-    p.add_argument("--ref-image-block", type=int, default=100, help="baselines: images per call (official shard)")
-    p.add_argument("--repeat", type=int, default=2, help="timed rounds after the warm-up round")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--image-block", type=positive_int, default=None, help="fast path images per score call (model's preferred_block)")
+    p.add_argument("--caption-block", type=positive_int, default=None, help="fast path captions per score call (preferred_block)")
+    p.add_argument("--ref-image-block", type=positive_int, default=100, help="baselines: images per call (official shard)")
+    p.add_argument("--repeat", type=positive_int, default=2, help="timed rounds after the warm-up round")
+    p.add_argument("--threads", type=non_negative_int, default=1,
                    help="torch threads for every timing incl. the peak (0 = torch's default)")
     p.add_argument("--models", nargs="+", default=["sgr", "saf", "tshsr"])
     p.add_argument("--tile", default=None, metavar="IxC",

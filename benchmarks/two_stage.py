@@ -17,6 +17,7 @@ from thsrn_lib.checkpoint import load_model
 from thsrn_lib.data import PrecompDataset
 from thsrn_lib.errors import ConfigError
 from thsrn_lib.evaluation.two_stage import two_stage_retrieval
+from thsrn_lib.utils.argtypes import non_negative_int, positive_int
 
 from .common import save_results
 
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rerank", default=str(ROOT / "runs" / "scenes_demo_sgr"), help="re-ranking checkpoint or run")
     p.add_argument("--first-stage", default=str(ROOT / "runs" / "scenes_demo_hje"),
                    help="embedding-model checkpoint or run for the shortlist; 'none': the re-ranker's global vectors")
-    p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 40, 50])
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--ks", type=positive_int, nargs="+", default=[10, 20, 40, 50])
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

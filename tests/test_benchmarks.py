@@ -88,3 +88,11 @@ def test_peak_tensor_memory_counts_live_tensors_not_freed_ones():
         torch.zeros(256, 1024)  # 1 MiB after both were freed: no new peak
 
     assert peak_tensor_mb(two_live_then_freed) == pytest.approx(8.0, abs=0.1)
+
+
+@pytest.mark.parametrize("argv", [["--images", "0"], ["--captions", "-3"], ["--repeat", "x"], ["--threads", "-1"]])
+def test_scoring_rejects_bad_sizes_before_running(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        scoring.main(argv)
+    assert exc.value.code == 2
+    assert "expected" in capsys.readouterr().err

@@ -18,30 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..utils.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from .protocols import PROTOCOLS
 
 __all__ = ["add_arguments", "main"]
 
 
-def _bounded(cast: type, ok, what: str):
-    """An argparse ``type=`` that parses with ``cast`` and accepts values where ``ok(value)``."""
-
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return value
-
-    return parse
-
-
-_positive_int = _bounded(int, lambda v: v >= 1, "a positive integer")
-_non_negative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0")
-_positive_float = _bounded(float, lambda v: 0 < v < float("inf"), "a positive finite number")  # NaN fails too
-_weight = _bounded(float, lambda v: 0 <= v < float("inf"), "a non-negative finite number")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,32 +70,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--weights",
-        type=_weight,
+        type=non_negative_float,
         nargs="+",
         default=None,
         metavar="W",
         help="ensemble weights, one per --checkpoint (default: equal)",
     )
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=128, help="images/captions per encoding batch (default 128)"
+        "--batch-size", type=positive_int, default=128, help="images/captions per encoding batch (default 128)"
     )
     parser.add_argument(
         "--shard-images",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="images per scoring block (default: chosen from --memory-budget-mb)",
     )
     parser.add_argument(
         "--shard-captions",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="captions per scoring block (default: chosen from --memory-budget-mb)",
     )
     parser.add_argument(
         "--memory-budget-mb",
-        type=_positive_float,
+        type=positive_float,
         default=1024.0,
         metavar="MB",
         help="extra memory one scoring block may use, in MiB (default 1024); the per-pair cost is estimated "
@@ -125,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N (default auto)",
     )
     parser.add_argument(
-        "--num-workers", type=_non_negative_int, default=0, help="DataLoader workers for image features (default 0)"
+        "--num-workers", type=non_negative_int, default=0, help="DataLoader workers for image features (default 0)"
     )
     parser.add_argument(
         "--memmap",
@@ -135,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--two-stage",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=None,
         metavar="K",

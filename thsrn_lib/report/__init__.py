@@ -15,6 +15,7 @@ import argparse
 from typing import Any
 
 from ..errors import ConfigError
+from ..utils.argtypes import positive_int
 from .plan import Plan, load_plan
 from .runner import NotebookResult, ReportResult, key_metrics, run_plan
 
@@ -32,21 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     code.add_argument("--show-code", dest="hide_code", action="store_false", help="keep code cells in the HTML")
     parser.add_argument("--only", action="append", default=None, metavar="NAME",
                         help="run only this notebook (name or file stem); repeatable")
-    parser.add_argument("-j", "--jobs", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("-j", "--jobs", type=positive_int, default=None, metavar="N",
                         help="notebooks executed at the same time, the CPU cores split between them (default: the "
                         "plan's 'jobs', else 1); a notebook still waits for those it depends on")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="parameter for every notebook (VALUE parsed as YAML, e.g. -p smoke=true); repeatable")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
